@@ -1,0 +1,231 @@
+"""Hugging Face checkpoint loading: safetensors, flax msgpack or torch bin, by one name map per family.
+
+A checkpoint is read into a flat ``{name: np.ndarray}`` dict. Torch-style names
+(``encoder.layer.0.attention.self.query.weight``) go through the family's name
+map to a Flax path (``encoder/layer/0/attention/self/query/kernel``); Flax
+msgpack files already use Flax paths. Each tensor is then checked against the
+shape of the model's own parameter before it replaces it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "flax_model.msgpack", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "spiece.model", "special_tokens_map.json",
+                   "generation_config.json")
+HUB_HOST = "huggingface.co"
+
+# (flax path, transpose?) for a torch name, or None to skip the tensor.
+NameMap = Callable[[str], "tuple[tuple[str, ...], bool] | None"]
+
+
+class CheckpointError(ValueError):
+  """A checkpoint can't be found, read or matched to the model."""
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+  """Returns whether the HF hub answers a TCP connect within ``timeout`` seconds."""
+  if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    return False
+  try:
+    with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+      return True
+  except OSError:
+    return False
+
+
+def _looks_like_path(name: str) -> bool:
+  # Hub ids are "name" or "org/name"; anything else is meant as a local path.
+  return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def resolve_model_dir(name_or_path: str, timeout: float = 5.0) -> Path:
+  """Returns a local directory holding the model's config, tokenizer and weights.
+
+  A local directory is used as is. Anything else is a hub id, fetched with
+  ``huggingface_hub`` (or found in its cache). When the hub can't be reached we
+  fail at once with the flag to point at local weights, rather than hang.
+  """
+  path = Path(name_or_path).expanduser()
+  if path.is_dir():
+    return path
+  if _looks_like_path(name_or_path):
+    raise CheckpointError(
+        f"model directory {str(path)!r} does not exist. Pass a directory holding "
+        f"config.json and one of {', '.join(WEIGHT_FILES)} with --config.model=DIR")
+  from huggingface_hub import snapshot_download
+  patterns = list(TOKENIZER_FILES) + list(WEIGHT_FILES) + ["*.safetensors"]
+  try:  # The local cache first: it needs no network.
+    return Path(snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=True))
+  except Exception:  # noqa: BLE001 -- any cache miss means we need the hub
+    pass
+  if not hub_reachable(timeout):
+    raise CheckpointError(
+        f"can't reach the Hugging Face hub ({HUB_HOST}) to download {name_or_path!r}, "
+        f"and it is not in the local HF cache. Point at local weights with "
+        f"--config.model=DIR (a directory with config.json, the tokenizer files and "
+        f"model.safetensors, flax_model.msgpack or pytorch_model.bin).")
+  try:
+    return Path(snapshot_download(name_or_path, allow_patterns=patterns, etag_timeout=timeout))
+  except Exception as e:  # noqa: BLE001 -- turn hub errors into one clear message
+    raise CheckpointError(f"could not download {name_or_path!r} from the hub: {e}. "
+                          f"Use --config.model=DIR for local weights.") from None
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+  """Returns the HF ``config.json`` of a model directory as a dict."""
+  path = Path(model_dir) / "config.json"
+  if not path.is_file():
+    raise CheckpointError(f"no config.json in {str(model_dir)!r}; is it an HF model directory?")
+  return json.loads(path.read_text())
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+  from safetensors import safe_open
+  out = {}
+  with safe_open(str(path), framework="flax") as f:  # flax handles bf16, numpy does not
+    for name in f.keys():
+      out[name] = np.asarray(f.get_tensor(name))
+  return out
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError:
+    raise CheckpointError(
+        f"{path.name} is a PyTorch pickle and needs torch to read "
+        f"(pip install torch), or convert it to model.safetensors") from None
+  state = torch.load(str(path), map_location="cpu", weights_only=True)
+  return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+          for k, v in state.items()}
+
+
+def _read_msgpack(path: Path) -> dict[str, np.ndarray]:
+  from flax import serialization
+  tree = serialization.msgpack_restore(path.read_bytes())
+  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def _read_sharded(index: Path, reader) -> dict[str, np.ndarray]:
+  files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+  out: dict[str, np.ndarray] = {}
+  for name in files:
+    out.update(reader(index.parent / name))
+  return out
+
+
+def read_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], str]:
+  """Returns ``(flat tensors, format)``; format is ``"torch"`` (dotted names) or ``"flax"``."""
+  model_dir = Path(model_dir)
+  if not model_dir.is_dir():
+    raise CheckpointError(f"model directory {str(model_dir)!r} does not exist")
+  readers = {
+      "model.safetensors": (_read_safetensors, "torch"),
+      "model.safetensors.index.json": (lambda p: _read_sharded(p, _read_safetensors), "torch"),
+      "flax_model.msgpack": (_read_msgpack, "flax"),
+      "pytorch_model.bin": (_read_torch_bin, "torch"),
+      "pytorch_model.bin.index.json": (lambda p: _read_sharded(p, _read_torch_bin), "torch"),
+  }
+  for name in WEIGHT_FILES:
+    if (model_dir / name).is_file():
+      reader, fmt = readers[name]
+      return reader(model_dir / name), fmt
+  raise CheckpointError(
+      f"no weight file in {str(model_dir)!r}: looked for {', '.join(WEIGHT_FILES)}")
+
+
+def bert_name_map(name: str) -> tuple[tuple[str, ...], bool] | None:
+  """Returns the Flax path of a torch BERT tensor and whether to transpose it."""
+  parts = name.split(".")
+  if parts[-1] == "position_ids" or parts[0] == "cls":
+    return None  # a buffer, and the pre-training heads we don't build
+  module, leaf = parts[:-1], parts[-1]
+  if module[-1] == "LayerNorm":
+    return tuple(module) + ({"weight": "scale", "gamma": "scale", "beta": "bias"}.get(leaf, leaf),), False
+  if module[-1].endswith("embeddings"):
+    return tuple(module) + ("embedding",), False
+  if leaf == "weight":
+    return tuple(module) + ("kernel",), True  # torch Linear stores [out, in]
+  return tuple(module) + (leaf,), False
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """How one model family's checkpoints map onto our modules."""
+  name_map: NameMap
+  base_prefix: str  # the body's parameter scope in head models (HF's base_model_prefix)
+
+
+FAMILIES: dict[str, Family] = {"bert": Family(bert_name_map, "bert")}
+
+
+def family_of(hf_config: Mapping[str, Any]) -> str:
+  """Returns the model family for an HF config, or raises CheckpointError if unsupported."""
+  model_type = hf_config.get("model_type", "")
+  if model_type not in FAMILIES:
+    raise CheckpointError(
+        f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+  return model_type
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What a load did: tensors loaded, model parameters left at init, tensors unused."""
+  loaded: list[str]
+  missing: list[str]
+  unused: list[str]
+
+
+def _match(path: tuple[str, ...], targets: Mapping, prefix: str) -> tuple[str, ...] | None:
+  """Returns the model path a checkpoint path refers to, adding or dropping the body prefix."""
+  for candidate in (path, (prefix,) + path, path[1:] if path[:1] == (prefix,) else None):
+    if candidate is not None and candidate in targets:
+      return candidate
+  return None
+
+
+def load_weights(params: Mapping, tensors: Mapping[str, np.ndarray], fmt: str,
+                 family: str) -> tuple[dict, LoadReport]:
+  """Returns ``(params with checkpoint tensors in place, report)``.
+
+  Shapes are checked against ``params`` (real arrays, or ShapeDtypeStructs from
+  ``jax.eval_shape``); parameters the checkpoint lacks keep their value.
+  """
+  fam = FAMILIES[family]
+  targets = traverse_util.flatten_dict(dict(params))
+  out = dict(targets)
+  loaded, unused = [], []
+  for name, value in tensors.items():
+    if fmt == "flax":
+      mapped = (tuple(name.split("/")), False)
+    else:
+      mapped = fam.name_map(name)
+    if mapped is None:
+      continue
+    path, transpose = mapped
+    target = _match(path, targets, fam.base_prefix)
+    if target is None:
+      unused.append(name)
+      continue
+    value = np.asarray(value).T if transpose else np.asarray(value)
+    want = tuple(targets[target].shape)
+    if value.shape != want:
+      raise CheckpointError(
+          f"shape mismatch for parameter {'/'.join(target)} (checkpoint tensor {name!r}): "
+          f"checkpoint {value.shape}, model {want}")
+    out[target] = value.astype(np.dtype(targets[target].dtype))
+    loaded.append("/".join(target))
+  missing = sorted("/".join(p) for p in targets if "/".join(p) not in set(loaded))
+  return traverse_util.unflatten_dict(out), LoadReport(loaded, missing, sorted(unused))
