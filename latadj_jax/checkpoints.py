@@ -146,40 +146,6 @@ def read_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], str]:
       f"no weight file in {str(model_dir)!r}: looked for {', '.join(WEIGHT_FILES)}")
 
 
-def bert_name_map(name: str) -> tuple[tuple[str, ...], bool] | None:
-  """Returns the Flax path of a torch BERT tensor and whether to transpose it."""
-  parts = name.split(".")
-  if parts[-1] == "position_ids" or parts[0] == "cls":
-    return None  # a buffer, and the pre-training heads we don't build
-  module, leaf = parts[:-1], parts[-1]
-  if module[-1] == "LayerNorm":
-    return tuple(module) + ({"weight": "scale", "gamma": "scale", "beta": "bias"}.get(leaf, leaf),), False
-  if module[-1].endswith("embeddings"):
-    return tuple(module) + ("embedding",), False
-  if leaf == "weight":
-    return tuple(module) + ("kernel",), True  # torch Linear stores [out, in]
-  return tuple(module) + (leaf,), False
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-  """How one model family's checkpoints map onto our modules."""
-  name_map: NameMap
-  base_prefix: str  # the body's parameter scope in head models (HF's base_model_prefix)
-
-
-FAMILIES: dict[str, Family] = {"bert": Family(bert_name_map, "bert")}
-
-
-def family_of(hf_config: Mapping[str, Any]) -> str:
-  """Returns the model family for an HF config, or raises CheckpointError if unsupported."""
-  model_type = hf_config.get("model_type", "")
-  if model_type not in FAMILIES:
-    raise CheckpointError(
-        f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
-  return model_type
-
-
 @dataclasses.dataclass
 class LoadReport:
   """What a load did: tensors loaded, model parameters left at init, tensors unused."""
@@ -197,13 +163,14 @@ def _match(path: tuple[str, ...], targets: Mapping, prefix: str) -> tuple[str, .
 
 
 def load_weights(params: Mapping, tensors: Mapping[str, np.ndarray], fmt: str,
-                 family: str) -> tuple[dict, LoadReport]:
+                 name_map: NameMap, base_prefix: str) -> tuple[dict, LoadReport]:
   """Returns ``(params with checkpoint tensors in place, report)``.
 
   Shapes are checked against ``params`` (real arrays, or ShapeDtypeStructs from
   ``jax.eval_shape``); parameters the checkpoint lacks keep their value.
+  ``name_map`` is the family's torch-name map; ``base_prefix`` the body's scope
+  in head models (HF's ``base_model_prefix``), added or dropped as needed.
   """
-  fam = FAMILIES[family]
   targets = traverse_util.flatten_dict(dict(params))
   out = dict(targets)
   loaded, unused = [], []
@@ -211,11 +178,11 @@ def load_weights(params: Mapping, tensors: Mapping[str, np.ndarray], fmt: str,
     if fmt == "flax":
       mapped = (tuple(name.split("/")), False)
     else:
-      mapped = fam.name_map(name)
+      mapped = name_map(name)
     if mapped is None:
       continue
     path, transpose = mapped
-    target = _match(path, targets, fam.base_prefix)
+    target = _match(path, targets, base_prefix)
     if target is None:
       unused.append(name)
       continue

@@ -1,15 +1,24 @@
-"""Model families, and ``from_pretrained``: build a module and load its HF weights."""
+"""Model families, and ``from_pretrained``: build a module and load its HF weights.
+
+Each family module (``bert``, ``gpt2``, ``t5``) exposes the same small surface:
+``MODEL_TYPES``, ``BASE_PREFIX``, ``build(hf_config, head, **overrides)`` and
+``torch_name_map(name)``. This file only dispatches on ``model_type``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 
 from latadj_jax import checkpoints
+
+FAMILY_MODULES = {"bert": "latadj_jax.models.bert", "gpt2": "latadj_jax.models.gpt2",
+                  "t5": "latadj_jax.models.t5"}
 
 
 @dataclasses.dataclass
@@ -23,31 +32,29 @@ class Pretrained:
   report: checkpoints.LoadReport | None
 
 
-def _bert(hf_config: dict, head: str, overrides: dict):
-  from latadj_jax.models import bert
-  cfg = bert.BertConfig.from_hf(hf_config, **overrides)
-  if head == "classification":
-    module = bert.BertForSequenceClassification(cfg)
-  elif head == "none":
-    module = bert.BertModule(cfg)
-  else:
-    raise ValueError(f"BERT has no {head!r} head; use 'classification' or 'none'")
-  return module, cfg, lambda: (jnp.ones((1, 8), jnp.int32),)
-
-
-# family -> builder(hf_config, head, overrides) -> (module, config, dummy_inputs())
-BUILDERS: dict[str, Callable] = {"bert": _bert}
+def family(hf_config: dict) -> ModuleType:
+  """Returns the family module for an HF config, or raises CheckpointError if unsupported."""
+  model_type = hf_config.get("model_type", "")
+  if model_type not in FAMILY_MODULES:
+    raise checkpoints.CheckpointError(
+        f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILY_MODULES))}")
+  return importlib.import_module(FAMILY_MODULES[model_type])
 
 
 def build(hf_config: dict, head: str = "classification", **overrides: Any):
   """Returns ``(module, config, dummy_inputs)`` for an HF config dict."""
-  family = checkpoints.family_of(hf_config)
-  return BUILDERS[family](hf_config, head, overrides)
+  return family(hf_config).build(hf_config, head, **overrides)
 
 
 def init_params(module: Any, dummy_inputs: Callable, seed: int = 0) -> dict:
   """Returns freshly initialised parameters (float32)."""
   return jax.jit(module.init)(jax.random.PRNGKey(seed), *dummy_inputs())["params"]
+
+
+def load_tensors(params: dict, hf_config: dict, tensors: dict, fmt: str):
+  """Returns ``(params, report)`` with the checkpoint tensors loaded by the family's name map."""
+  fam = family(hf_config)
+  return checkpoints.load_weights(params, tensors, fmt, fam.torch_name_map, fam.BASE_PREFIX)
 
 
 def from_pretrained(name_or_path: str, head: str = "classification", seed: int = 0,
@@ -62,6 +69,5 @@ def from_pretrained(name_or_path: str, head: str = "classification", seed: int =
   hf_config = checkpoints.read_config(model_dir)
   module, cfg, dummy = build(hf_config, head, **overrides)
   tensors, fmt = checkpoints.read_weights(model_dir)
-  params = init_params(module, dummy, seed)
-  params, report = checkpoints.load_weights(params, tensors, fmt, checkpoints.family_of(hf_config))
+  params, report = load_tensors(init_params(module, dummy, seed), hf_config, tensors, fmt)
   return Pretrained(module, params, cfg, hf_config, model_dir, report)

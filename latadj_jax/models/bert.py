@@ -18,6 +18,9 @@ import jax.numpy as jnp
 
 from latadj_jax import elimination
 
+MODEL_TYPES = ("bert",)
+BASE_PREFIX = "bert"  # the body's scope in BertForSequenceClassification
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -298,3 +301,27 @@ class BertForSequenceClassification(nn.Module):
     pooled = nn.Dropout(rate)(out["pooler_output"], deterministic=deterministic)
     out["logits"] = _dense(cfg, cfg.num_labels, "classifier")(pooled).astype(jnp.float32)
     return out
+
+
+def build(hf_config: dict, head: str = "classification", **overrides: Any):
+  """Returns ``(module, config, dummy_inputs)`` for an HF BERT config dict."""
+  cfg = BertConfig.from_hf(hf_config, **overrides)
+  heads = {"classification": BertForSequenceClassification, "none": BertModule}
+  if head not in heads:
+    raise ValueError(f"BERT has no {head!r} head; use one of {sorted(heads)}")
+  return heads[head](cfg), cfg, lambda: (jnp.ones((1, 8), jnp.int32),)
+
+
+def torch_name_map(name: str) -> tuple[tuple[str, ...], bool] | None:
+  """Returns the Flax path of a torch BERT tensor and whether to transpose it (None: skip)."""
+  parts = name.split(".")
+  if parts[-1] == "position_ids" or parts[0] == "cls":
+    return None  # a buffer, and the pre-training heads we don't build
+  module, leaf = tuple(parts[:-1]), parts[-1]
+  if module[-1] == "LayerNorm":
+    return module + ({"weight": "scale", "gamma": "scale", "beta": "bias"}.get(leaf, leaf),), False
+  if module[-1].endswith("embeddings"):
+    return module + ("embedding",), False
+  if leaf == "weight":
+    return module + ("kernel",), True  # torch Linear stores [out, in]
+  return module + (leaf,), False
