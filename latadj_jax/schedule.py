@@ -141,7 +141,8 @@ def _lowest_k(n0: int, counts: Sequence[int], profile: Sequence[float]) -> float
   prev, lowest = n0, 0.0
   for n, ep in zip(counts, profile):
     if n > 1:  # a count of 1 is held by the max(1, .) floor for any smaller k
-      lowest = max(lowest, (n - _FLOOR_EPS) / (ep * prev))
+      # Half the floor guard: at this k the count holds, just below it, it drops.
+      lowest = max(lowest, (n - _FLOOR_EPS / 2) / (ep * prev))
     prev = n
   return lowest
 
