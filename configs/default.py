@@ -1,0 +1,49 @@
+"""Defaults shared by every run; task configs import this and override fields.
+
+Follows the paper (Section IV): bert-base-uncased, AdamW, linear schedule with
+warmup, dropout 0.1, cross-entropy (MSE for regression), the profile measured
+from ACC before training.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Model: an HF hub id or a local directory (config.json + weights + tokenizer).
+  c.model = "bert-base-uncased"
+  c.dtype = "float32"
+  c.dropout = 0.1
+  # Data: a GLUE task name or "text_classification"; source auto|hub|local|tfds.
+  c.task = "sst2"
+  c.num_labels = 0                 # 0: from the task
+  c.data_source = "auto"
+  c.data_dir = ""                  # a local GLUE dir (TSV or HF parquet layout), or CSV/JSONL
+  c.hub_dataset = ""               # for text_classification from the hub, e.g. "stanfordnlp/imdb"
+  c.dev_fraction = 0.1             # split a single local file into train/validation
+  c.max_len = 128
+  c.buckets = (32, 64, 128, 256, 512)   # candidate lengths; capped at max_len
+  c.max_train_examples = 0         # 0: all
+  c.max_eval_examples = 0
+  # Elimination: coeff k, and the profile: "acc" (measure), "flat", or "0.9,0.8,...".
+  c.coeff = 1.0
+  c.profile = "acc"
+  c.profile_batches = 8
+  c.profile_degree = 2
+  # Optimisation.
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.learning_rate = 2e-5
+  c.weight_decay = 0.01
+  c.warmup_ratio = 0.06
+  c.num_epochs = 3
+  c.max_steps = -1                 # > 0 stops early
+  c.seed = 0
+  # Bookkeeping.
+  c.log_every = 20
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.eval_every_epoch = True
+  c.eval_coeffs = ()               # after training, evaluate at these coefficients
+  c.progress = True
+  return c
