@@ -1,0 +1,1 @@
+"""Data: task specs and readers (``sources``), tokenization and bucketed batches (``pipeline``)."""
