@@ -139,6 +139,9 @@ def test_csv_header_and_string_labels(tmp_path):
     load_split(get_task("text_classification"), "train", data_dir=str(tmp_path))
   ex = load_split(get_task("text_classification", num_labels=3), "train", data_dir=str(tmp_path))
   assert ex.labels.tolist() == [2, 0, 1]  # sorted: neg, neu, pos
+  write(tmp_path / "num" / "train.csv", "label,text\n10,a\n2,b\n")
+  ex = load_split(get_task("text_classification"), "train", data_dir=str(tmp_path / "num"))
+  assert ex.labels.tolist() == [1, 0]  # numeric order: 2 before 10
 
 
 def test_jsonl(tmp_path):
@@ -159,6 +162,10 @@ def test_single_file_split_is_deterministic(tmp_path):
   assert load("validation", 0).texts == dev.texts
   assert load("validation", 1).texts != dev.texts
   assert all(lab == int(t.split()[1]) % 2 for t, lab in zip(dev.texts[0], dev.labels))
+  # A label-sorted file still gives mixed labels in a short prefix (max_examples takes a prefix).
+  sorted_path = write(tmp_path / "sorted.csv", "".join(f'"{1 if i < 25 else -1}","t {i}"\n' for i in range(50)))
+  head = load_split(task, "train", data_dir=str(sorted_path), max_examples=10).labels
+  assert 0 < head.sum() < 10
 
 
 # --- hub ---------------------------------------------------------------------------------------

@@ -193,10 +193,11 @@ def _table_examples(texts: list[str], raw: list[str], vocab: dict[str, int], tas
 
 
 def split_rows(n: int, seed: int, dev_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (train rows, validation rows) of a single file, each in file order."""
+  """Returns (train rows, validation rows) of a single file, each in a seeded random order."""
   n_dev = min(n - 1, max(1, round(n * dev_fraction)))
+  # Shuffled, not file order: files are often sorted by label, and max_examples takes a prefix.
   perm = np.random.default_rng(seed).permutation(n)
-  return np.sort(perm[n_dev:]), np.sort(perm[:n_dev])
+  return perm[n_dev:], perm[:n_dev]
 
 
 # --- locating local files --------------------------------------------------------------------
