@@ -2,11 +2,11 @@
 
 Parameter names mirror Hugging Face's Flax T5 (``shared/embedding``,
 ``encoder/block/0/layer/0/SelfAttention/q/kernel``, ``layer_norm/weight``,
-``layer/1/DenseReluDense/wi_0``, ``decoder/block/0/layer/1/EncDecAttention``,
-``lm_head/kernel``), so a ``flax_model.msgpack`` loads as it is. It covers
-T5 v1.0 (ReLU FFN, tied head rescaled by ``d_model**-0.5``) and v1.1/Flan-T5
-(gated-GELU FFN, untied head). It is inference-only (no dropout): the paper
-applies the method to Flan-T5 with no training (its Table VI).
+``decoder/block/0/layer/1/EncDecAttention``, ``lm_head/kernel``), so a
+``flax_model.msgpack`` loads as it is. It covers T5 v1.0 (ReLU FFN, tied head
+rescaled by ``d_model**-0.5``) and v1.1/Flan-T5 (gated-GELU FFN, untied head).
+It is inference-only (no dropout): the paper applies the method to Flan-T5
+with no training (its Table VI).
 
 Each encoder block attends over all ``N_{l-1}`` word-vectors, then keeps
 ``N_l`` of them after the heads are concatenated, before ``o``; ``o``, the
@@ -31,7 +31,7 @@ from latadj_jax import elimination
 from latadj_jax.models.bert import activation, check_keep_counts
 
 MODEL_TYPES = ("t5",)
-BASE_PREFIX = ""  # T5ForConditionalGeneration has no body scope: shared/encoder/decoder sit at the top
+BASE_PREFIX = ""  # no body scope: shared, encoder, decoder and lm_head sit at the top
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,9 @@ class T5Config:
   @property
   def act(self) -> str:
     # HF maps "gated-gelu" to the tanh approximation, for backward compatibility.
-    return "gelu_new" if self.feed_forward_proj == "gated-gelu" else self.feed_forward_proj.split("-")[-1]
+    if self.feed_forward_proj == "gated-gelu":
+      return "gelu_new"
+    return self.feed_forward_proj.split("-")[-1]
 
 
 def relative_position_bucket(rel: jax.Array, bidirectional: bool, num_buckets: int,
@@ -124,8 +126,7 @@ def attention_probs(q_BxQxHxK: jax.Array, k_BxSxHxK: jax.Array, bias_BxHxQxS: ja
   return jnp.where(allowed_BxQxS[:, None], jax.nn.softmax(logits, axis=-1), 0.0)
 
 
-def _normal(std: float):
-  return nn.initializers.normal(std)
+_normal = nn.initializers.normal
 
 
 class T5LayerNorm(nn.Module):
@@ -149,7 +150,8 @@ class T5Attention(nn.Module):
   def setup(self):
     cfg, f = self.config, self.config.initializer_factor
     inner = cfg.num_heads * cfg.d_kv
-    dense = lambda n, std: nn.Dense(n, use_bias=False, dtype=cfg.dtype, kernel_init=_normal(f * std))
+    dense = lambda n, std: nn.Dense(n, use_bias=False, dtype=cfg.dtype,
+                                    kernel_init=_normal(f * std))
     self.q = dense(inner, (cfg.d_model * cfg.d_kv) ** -0.5)
     self.k = dense(inner, cfg.d_model ** -0.5)
     self.v = dense(inner, cfg.d_model ** -0.5)
@@ -256,12 +258,13 @@ class T5Block(nn.Module):
     """Returns (h_BxKxD, carry at the kept positions, SV_BxN or None)."""
     cfg, sa = self.config, self.sub[0]
     q, k, v = sa.qkv(h_BxNxD)
-    allowed_BxNxN = jnp.broadcast_to(carry["valid"][:, None, :], (h_BxNxD.shape[0],) + bias_BxHxNxN.shape[-2:])
+    B, N = carry["valid"].shape
+    allowed_BxNxN = jnp.broadcast_to(carry["valid"][:, None, :], (B, N, N))
     ctx_BxNxF, probs_BxHxNxN = sa.SelfAttention.attend(q, k, v, bias_BxHxNxN, allowed_BxNxN)
     sv_BxN = None
-    if with_scores or n_keep < h_BxNxD.shape[1]:
+    if with_scores or n_keep < N:
       sv_BxN = elimination.score_vector(probs_BxHxNxN, carry["valid"])
-    if n_keep < h_BxNxD.shape[1]:
+    if n_keep < N:
       names = sorted(carry)
       _, ctx_BxNxF, h_BxNxD, *kept = elimination.eliminate(
           sv_BxN, carry["valid"], carry["protect"], n_keep, ctx_BxNxF, h_BxNxD,
@@ -291,7 +294,7 @@ class T5Block(nn.Module):
 
 
 class T5BlockScope(nn.Module):
-  """HF's ``block/<i>`` scope, which holds the block's sublayers as ``layer``."""
+  """HF's ``block/<i>`` scope; it holds the block as ``layer``."""
   config: T5Config
   has_relative_bias: bool
   decoder: bool
@@ -311,7 +314,7 @@ class T5Blocks(nn.Module):
 
 
 class T5Stack(nn.Module):
-  """Encoder or decoder stack: blocks and ``final_layer_norm`` (the embedding is shared, outside)."""
+  """Encoder or decoder stack: blocks and ``final_layer_norm`` (the embedding is outside)."""
   config: T5Config
   decoder: bool
 
@@ -356,7 +359,7 @@ class T5ForConditionalGeneration(nn.Module):
 
   def encode(self, input_ids, attention_mask=None, keep_counts: Sequence[int] | None = None,
              output_scores: bool = False) -> dict:
-    """Returns a dict: last_hidden_state [B, N_L, D], mask, positions, layer_positions(, scores, acc).
+    """Returns a dict: last_hidden_state [B, N_L, D], mask, positions, layer_positions, ...
 
     ``keep_counts`` must be static (Python ints); ``mask`` and ``positions``
     give the validity and original position of each surviving encoder state.
@@ -376,7 +379,7 @@ class T5ForConditionalGeneration(nn.Module):
            "positions": carry["positions"], "layer_positions": aux["positions"]}
     if output_scores:
       out["scores"], out["acc"] = aux["scores"], jnp.stack(aux["acc"], axis=-1)
-    return out
+    return out  # with output_scores, also "scores" (per layer SV_BxN) and "acc" [B, L]
 
   def head(self, h_BxND):
     """Returns float32 logits; a v1.0 (tied) model rescales by ``d_model**-0.5`` first."""
@@ -388,7 +391,7 @@ class T5ForConditionalGeneration(nn.Module):
     return self.lm_head(h_BxND).astype(jnp.float32)
 
   def decode(self, decoder_input_ids, encoder_out, encoder_mask, decoder_attention_mask=None):
-    """Returns logits [B, T, V] for teacher-forced decoder inputs over the surviving encoder states."""
+    """Returns logits [B, T, V] for teacher-forced decoder inputs over the kept encoder states."""
     B, T = decoder_input_ids.shape
     pos_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     allowed_BxTxT = pos_BxT[:, :, None] >= pos_BxT[:, None, :]
@@ -409,7 +412,7 @@ class T5ForConditionalGeneration(nn.Module):
     return [block.cross_kv(encoder_out) for block in self.decoder.layers()]
 
   def decode_step(self, token_B, t, caches, cross_kv, encoder_mask):
-    """Returns (logits_BxV, caches) for the decoder token at position ``t`` (caches hold T slots)."""
+    """Returns (logits_BxV, caches) for the decoder token at position ``t`` (T cache slots)."""
     B, S = encoder_mask.shape
     T = caches[0]["k"].shape[1]
     pos_B1 = jnp.full((B, 1), t, jnp.int32)
