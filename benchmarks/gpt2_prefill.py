@@ -77,9 +77,13 @@ def run(args: argparse.Namespace) -> dict:
                  "cache_sizes": [int(c["k"].shape[1]) for c in state["caches"]]})
     print(f"compiled k={k}: counts {list(counts)} in {compile_s:.1f}s", file=sys.stderr)
 
-  # Interleaved rounds, so machine-load drift hits every k alike.
-  medians = {what: timing.interleaved_medians(fns, repeats=args.repeats, warmup=1)
-             for what, fns in (("prefill", prefill), ("ttft", ttft), ("decode", decode))}
+  # One interleaved group over every k and every measurement, so machine-load
+  # drift hits all of them alike and prefill, TTFT and decode stay comparable.
+  groups = {"prefill": prefill, "ttft": ttft, "decode": decode}
+  flat = timing.interleaved_medians(
+      {f"{what} {name}": fn for what, fns in groups.items() for name, fn in fns.items()},
+      repeats=args.repeats, warmup=1)
+  medians = {what: {name: flat[f"{what} {name}"] for name in fns} for what, fns in groups.items()}
   base = next(r for r in rows if r["k"] == 1.0) if 1.0 in ks else rows[-1]
   base_s = medians["prefill"][f"k={base['k']}"]
   for r in rows:
