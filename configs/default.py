@@ -45,5 +45,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.eval_every_epoch = True
   c.eval_coeffs = ()               # after training, evaluate at these coefficients
+  c.time_repeats = 10              # timed runs per coefficient in a sweep (median)
   c.progress = True
   return c

@@ -28,3 +28,68 @@ def tiny_hf_bert(tmp_path_factory):
   path = tmp_path_factory.mktemp("tiny_bert")
   model.save_pretrained(path)
   return path, model
+
+
+WORDS = ("the a film movie plot cast story acting music script it was is very truly quite "
+         "good great superb lovely moving bad awful dull boring weak not and but with "
+         "scene ending director actor hero we i loved hated enjoyed disliked").split()
+POSITIVE = {"good", "great", "superb", "lovely", "moving", "loved", "enjoyed"}
+
+
+def make_sentences(n: int, seed: int) -> list[tuple[str, int]]:
+  """Returns ``n`` (sentence, label) pairs whose label is learnable from sentiment words."""
+  import random
+  rng = random.Random(seed)
+  neutral = [w for w in WORDS if w not in POSITIVE and w not in
+             {"bad", "awful", "dull", "boring", "weak", "hated", "disliked"}]
+  out = []
+  for i in range(n):
+    label = i % 2
+    pool = sorted(POSITIVE) if label else ["bad", "awful", "dull", "boring", "weak", "hated", "disliked"]
+    words = rng.choices(neutral, k=rng.randint(2, 20)) + rng.choices(pool, k=rng.randint(1, 3))
+    rng.shuffle(words)
+    out.append((" ".join(words), label))
+  return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+  """Returns an HF-style dir with a random tiny BERT (safetensors) and its WordPiece tokenizer."""
+  import torch
+  import transformers
+  path = tmp_path_factory.mktemp("tiny_model")
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + WORDS
+  (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+  transformers.BertTokenizerFast(vocab=str(path / "vocab.txt")).save_pretrained(path)
+  torch.manual_seed(0)
+  cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3,
+                                num_attention_heads=4, intermediate_size=64,
+                                max_position_embeddings=128)
+  transformers.BertModel(cfg).save_pretrained(path)
+  return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sst2_dir(tmp_path_factory) -> Path:
+  """Returns a directory in the HF parquet layout of GLUE SST-2 (train 64, validation 24 rows)."""
+  import pandas as pd
+  path = tmp_path_factory.mktemp("sst2")
+  for split, n, seed in (("train", 64, 0), ("validation", 24, 1)):
+    rows = make_sentences(n, seed)
+    pd.DataFrame({"sentence": [s for s, _ in rows], "label": [l for _, l in rows],
+                  "idx": range(n)}).to_parquet(path / f"{split}.parquet")
+  return path
+
+
+def tiny_config(model_dir, data_dir, **overrides):
+  """Returns a run config for the tiny model and data: seconds per run on a CPU."""
+  from latadj_jax import config_lib
+  config = config_lib.load("glue_sst2")
+  values = dict(model=str(model_dir), data_dir=str(data_dir), data_source="local", max_len=32,
+                buckets=(16, 32), batch_size=8, eval_batch_size=8, num_epochs=2,
+                learning_rate=1e-3, warmup_ratio=0.1, log_every=2, checkpoint_every=3,
+                profile="acc", profile_batches=2, coeff=0.8, progress=False)
+  values.update(overrides)
+  for k, v in values.items():
+    config[k] = v
+  return config

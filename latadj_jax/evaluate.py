@@ -1,0 +1,213 @@
+"""Evaluation and offline tuning: any ``k`` on one set of weights, with a compiled-executable cache.
+
+Executables are keyed by the keep counts, not by ``k``: two coefficients that
+give the same counts share one executable. The in-memory cache holds AOT
+``jit(...).lower(...).compile()`` results; the JAX persistent compilation cache
+keeps the compiled XLA programs on disk so a second process skips compiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from latadj_jax import metrics, schedule, timing
+from latadj_jax.data import pipeline
+
+
+def setup_compilation_cache(cache_dir: str | Path) -> None:
+  """Points JAX's persistent compilation cache at ``cache_dir`` and keeps every entry.
+
+  Call it before the first JAX computation: the cache is read when JAX
+  compiles, and the thresholds would otherwise skip fast-to-compile programs.
+  """
+  Path(cache_dir).mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir).resolve()))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+@dataclasses.dataclass
+class CacheStats:
+  hits: int = 0
+  misses: int = 0
+  lower_seconds: float = 0.0     # tracing + lowering to HLO
+  compile_seconds: float = 0.0   # XLA compile (or a persistent-cache load)
+
+  def __str__(self) -> str:
+    return (f"executable cache: {self.hits} hits, {self.misses} misses, "
+            f"{self.lower_seconds:.1f} s tracing+lowering, {self.compile_seconds:.1f} s compiling")
+
+
+class ExecutableCache:
+  """Compiled forward passes keyed by (model id, bucket, batch, keep counts, dtype)."""
+
+  def __init__(self):
+    self._executables: dict[tuple, jax.stages.Compiled] = {}
+    self.stats = CacheStats()
+
+  def __len__(self) -> int:
+    return len(self._executables)
+
+  def get(self, key: tuple, lower: Callable[[], jax.stages.Lowered]) -> jax.stages.Compiled:
+    """Returns the executable for ``key``, lowering and compiling it on a miss."""
+    if key in self._executables:
+      self.stats.hits += 1
+      return self._executables[key]
+    self.stats.misses += 1
+    t0 = time.perf_counter()
+    lowered = lower()
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    self.stats.lower_seconds += t1 - t0
+    self.stats.compile_seconds += time.perf_counter() - t1
+    self._executables[key] = compiled
+    return compiled
+
+
+def _logits_fn(module: Any, keep_counts: tuple[int, ...]):
+  def logits(params, input_ids, attention_mask, token_type_ids):
+    return module.apply({"params": params}, input_ids, attention_mask, token_type_ids,
+                        keep_counts=keep_counts)["logits"]
+  return logits
+
+
+@dataclasses.dataclass
+class Classifier:
+  """A sequence classifier ready to evaluate: module, weights, data and the cache."""
+  module: Any
+  params: Any
+  encoded: pipeline.Encoded
+  buckets: tuple[int, ...]
+  batch_size: int
+  num_layers: int
+  model_id: str
+  dtype: str = "float32"
+  cache: ExecutableCache = dataclasses.field(default_factory=ExecutableCache)
+
+  def executable(self, bucket: int, counts: tuple[int, ...]) -> jax.stages.Compiled:
+    """Returns the compiled forward pass for one bucket and keep-count schedule."""
+    key = (self.model_id, bucket, self.batch_size, counts, self.dtype)
+    spec = jax.ShapeDtypeStruct((self.batch_size, bucket), jnp.int32)
+    lower = lambda: jax.jit(_logits_fn(self.module, counts)).lower(self.params, spec, spec, spec)
+    return self.cache.get(key, lower)
+
+  def batches(self, pad_id: int = 0):
+    return pipeline.batch_iterator(self.encoded, self.batch_size, self.buckets,
+                                   shuffle=False, pad_id=pad_id)
+
+  def predict(self, schedules: dict[int, tuple[int, ...]]) -> np.ndarray:
+    """Returns the logits of every example, in input order."""
+    out = None
+    for batch in self.batches():
+      exe = self.executable(batch["input_ids"].shape[1], schedules[batch["input_ids"].shape[1]])
+      logits = np.asarray(exe(self.params, batch["input_ids"], batch["attention_mask"],
+                              batch["token_type_ids"]))
+      if out is None:
+        out = np.zeros((len(self.encoded.labels), logits.shape[-1]), np.float32)
+      real = batch["index"] >= 0
+      out[batch["index"][real]] = logits[real]
+    return out
+
+  def bucket_counts(self) -> dict[int, int]:
+    """Returns how many examples fall in each bucket."""
+    lengths = [len(ids) for ids in self.encoded.input_ids]
+    counts: dict[int, int] = {}
+    for n in lengths:
+      b = pipeline.bucket_of(n, self.buckets)
+      counts[b] = counts.get(b, 0) + 1
+    return counts
+
+  def main_bucket(self) -> int:
+    """Returns the bucket that holds the most examples."""
+    counts = self.bucket_counts()
+    return max(counts, key=counts.get)
+
+
+def schedules_for(coeff: float, profile: Sequence[float], buckets: Sequence[int]) -> dict[int, tuple[int, ...]]:
+  """Returns the keep counts of every bucket at coefficient ``coeff``."""
+  return {b: schedule.keep_counts(b, coeff, profile) for b in buckets}
+
+
+def predictions(logits: np.ndarray, is_regression: bool) -> np.ndarray:
+  """Returns class ids (argmax), or the regression score."""
+  return logits[:, 0] if is_regression else logits.argmax(-1)
+
+
+def dataset_expected_speedup(bucket_sizes: dict[int, int], schedules: dict[int, tuple[int, ...]]) -> float:
+  """Returns eq. 7 summed over the data: full-model cost over eliminated cost, all buckets."""
+  full = sum(n * len(schedules[b]) * b for b, n in bucket_sizes.items())
+  cut = sum(n * sum(schedule.effective_lengths(b, schedules[b])) for b, n in bucket_sizes.items())
+  return full / cut
+
+
+def sample_batch(clf: Classifier, bucket: int) -> dict[str, np.ndarray]:
+  """Returns the first real eval batch of ``bucket`` (for timing)."""
+  for batch in clf.batches():
+    if batch["input_ids"].shape[1] == bucket:
+      return batch
+  raise ValueError(f"no eval batch in bucket {bucket}")
+
+
+def sweep(clf: Classifier, coeffs: Sequence[float], profile: Sequence[float], task_metrics: Sequence[str],
+          is_regression: bool, time_repeats: int = 10, progress: bool = True) -> list[dict]:
+  """Returns one report row per coefficient: metrics, schedule, expected/FLOPs/measured speedups."""
+  coeffs = [schedule.validate_coeff(k) for k in coeffs]
+  flat = schedule.flat_profile(clf.num_layers)
+  main = clf.main_bucket()
+  sizes = clf.bucket_counts()
+  base_exe = clf.executable(main, schedule.keep_counts(main, 1.0, flat))
+  base_flops = timing.compiled_flops(base_exe)
+  batch = sample_batch(clf, main)
+  args = (clf.params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+  labels, weights = clf.encoded.labels, None
+  rows = []
+  iterator = coeffs
+  if progress:
+    from tqdm.auto import tqdm
+    iterator = tqdm(coeffs, desc="coeff sweep", unit="k")
+  for k in iterator:
+    scheds = schedules_for(k, profile, sizes)
+    t0 = time.perf_counter()
+    logits = clf.predict(scheds)
+    eval_seconds = time.perf_counter() - t0
+    preds = predictions(logits, is_regression)
+    has_labels = labels is not None and (np.asarray(labels) >= 0).any() or is_regression
+    scores = metrics.compute_metrics(task_metrics, preds, labels, weights) if has_labels else {}
+    exe = clf.executable(main, scheds[main])
+    med = timing.interleaved_medians({"base": functools.partial(base_exe, *args),
+                                      "elim": functools.partial(exe, *args)},
+                                     repeats=time_repeats, warmup=1)
+    rows.append({
+        "coeff": k, **scores,
+        "main_bucket": main, "keep_counts": list(scheds[main]),
+        "expected_speedup": schedule.expected_speedup(main, scheds[main]),
+        "expected_speedup_all_buckets": dataset_expected_speedup(sizes, scheds),
+        "flops_ratio": base_flops / timing.compiled_flops(exe),
+        "latency_ms": 1e3 * med["elim"], "baseline_latency_ms": 1e3 * med["base"],
+        "examples_per_s": clf.batch_size / med["elim"],
+        "measured_speedup": med["base"] / med["elim"],
+        "eval_seconds": eval_seconds,
+    })
+  return rows
+
+
+def format_table(rows: Sequence[dict], metric_names: Sequence[str]) -> str:
+  """Returns the sweep as a Markdown table."""
+  head = (["coeff"] + list(metric_names) +
+          ["keep counts (main bucket)", "expected", "FLOPs ratio", "measured", "latency ms", "ex/s"])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    cells = [f"{r['coeff']:g}"] + [f"{100 * r[m]:.2f}" if m in r else "-" for m in metric_names]
+    cells += [f"{r['main_bucket']}: {r['keep_counts']}", f"{r['expected_speedup']:.2f}x",
+              f"{r['flops_ratio']:.2f}x", f"{r['measured_speedup']:.2f}x",
+              f"{r['latency_ms']:.1f}", f"{r['examples_per_s']:.0f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)

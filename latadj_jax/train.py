@@ -1,0 +1,210 @@
+"""Fine-tuning with Sort+Eliminate layers: ``train_and_evaluate(config, workdir)``.
+
+Data parallel over every device of every host: a ``'data'`` mesh axis and
+``jax.shard_map``; each device takes a slice of the global batch and the
+gradients are summed across the axis. Keep counts are static per bucket, so
+each bucket compiles once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from latadj_jax import evaluate, models, profiling, report, schedule, workdir as wd
+from latadj_jax.data import pipeline
+
+
+class TrainState(train_state.TrainState):
+  pass
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """Returns AdamW with linear warmup then linear decay; no weight decay on biases and LayerNorm."""
+  warmup = int(config.warmup_ratio * total_steps)
+  lr = optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)),
+                             optax.linear_schedule(config.learning_rate, 0.0,
+                                                   max(total_steps - warmup, 1))], [warmup])
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: path[-1].key not in ("bias", "scale"), params)
+  return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay,
+                     mask=decay_mask)
+
+
+def loss_sums(params, batch, rng, *, module, keep_counts, is_regression) -> tuple[jax.Array, jax.Array]:
+  """Returns (sum of weighted per-example losses, sum of weights) for one (local) batch."""
+  logits = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                        batch["token_type_ids"], keep_counts=keep_counts, deterministic=False,
+                        rngs={"dropout": rng})["logits"]
+  if is_regression:
+    per_example = jnp.square(logits[:, 0] - batch["labels"])
+  else:
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+  return jnp.sum(per_example * batch["weights"]), jnp.sum(batch["weights"])
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, module, keep_counts,
+               is_regression, axis: str = "data") -> tuple[TrainState, dict]:
+  """Returns the updated state and the global loss; runs per device inside ``shard_map``.
+
+  Summing weighted losses and gradients over the axis (rather than averaging
+  per-device means) keeps the result exact when padded rows (weight 0) are
+  spread unevenly across devices: it equals the single-device step.
+  """
+  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis))
+  total_weight = jnp.maximum(jax.lax.psum(jnp.sum(batch["weights"]), axis), 1.0)
+
+  def loss_fn(params):
+    total, _ = loss_sums(params, batch, rng, module=module, keep_counts=keep_counts,
+                         is_regression=is_regression)
+    return total / total_weight
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  grads = jax.lax.psum(grads, axis)
+  return state.apply_gradients(grads=grads), {"loss": jax.lax.psum(loss, axis)}
+
+
+def make_mesh() -> jax.sharding.Mesh:
+  """Returns a 1-D ``'data'`` mesh over every device of every host."""
+  return jax.make_mesh((jax.device_count(),), ("data",))
+
+
+def compiled_step(mesh, module, keep_counts, is_regression):
+  """Returns the jitted, data-parallel train step for one keep-count schedule (state donated)."""
+  fn = functools.partial(train_step, module=module, keep_counts=keep_counts,
+                         is_regression=is_regression)
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data"), P()),
+                               out_specs=(P(), P())), donate_argnums=0)
+
+
+def shard_batch(batch: dict, mesh) -> dict:
+  """Returns the global batch as arrays sharded over ``'data'``; each host feeds its own rows."""
+  sharding = NamedSharding(mesh, P("data"))
+  n_proc, pid = jax.process_count(), jax.process_index()
+  out = {}
+  for name in ("input_ids", "attention_mask", "token_type_ids", "labels", "weights"):
+    rows = np.array_split(batch[name], n_proc)[pid]
+    out[name] = jax.make_array_from_process_local_data(sharding, rows)
+  return out
+
+
+def maybe_initialize_distributed() -> None:
+  """Calls ``jax.distributed.initialize()`` when launched as a multi-host job."""
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("LATADJ_MULTIHOST"):
+    jax.distributed.initialize()
+
+
+def _replicate(tree, mesh):
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Trains with elimination at ``config.coeff``, checkpointing to ``workdir``; returns final metrics.
+
+  Rerunning with the same workdir resumes from the latest checkpoint.
+  """
+  maybe_initialize_distributed()
+  workdir = Path(workdir)
+  schedule.validate_coeff(config.coeff)
+  pre, tokenizer, task = profiling.load_model_and_task(config)
+  train_enc, eval_enc = profiling.load_encoded(config, task, tokenizer)
+  buckets = pipeline.make_buckets(config.max_len, base=tuple(config.buckets))
+  is_main = jax.process_index() == 0
+  if is_main:
+    wd.save_metadata(workdir, config, pre.hf_config, tokenizer)
+  num_layers = pre.config.num_hidden_layers
+  ep = profiling.resolve_profile(config, workdir, pre, train_enc, buckets, num_layers, is_main)
+  schedules = evaluate.schedules_for(config.coeff, ep, buckets)
+  batch_size = config.batch_size
+  if batch_size % jax.device_count():
+    raise ValueError(f"batch_size {batch_size} must be a multiple of the {jax.device_count()} "
+                     f"devices; set --config.batch_size")
+  steps_per_epoch = pipeline.num_batches(train_enc, batch_size, buckets)
+  total_steps = steps_per_epoch * config.num_epochs
+  if config.max_steps > 0:
+    total_steps = min(total_steps, config.max_steps)
+
+  mesh = make_mesh()
+  state = TrainState.create(apply_fn=pre.module.apply, params=pre.params,
+                            tx=make_optimizer(config, total_steps))
+  manager = wd.checkpoint_manager(workdir, config.keep_checkpoints)
+  if manager.latest_step() is not None:
+    state = wd.restore_state(manager, state)
+    print(f"resumed from step {int(state.step)} in {workdir}")
+  state = _replicate(state, mesh)
+  steps = {b: compiled_step(mesh, pre.module, schedules[b], task.is_regression) for b in buckets}
+  rng = jax.random.PRNGKey(config.seed)
+  logger = report.MetricLogger(workdir, enabled=is_main)
+  step = int(state.step)
+  last_good = manager.latest_step()
+  bar = report.progress(total_steps, step, "train", enabled=config.progress and is_main)
+  t_log, examples = time.perf_counter(), 0
+  eval_metrics: dict[str, Any] = {}
+  pending = None
+  while step < total_steps:
+    epoch, start = divmod(step, steps_per_epoch)
+    for batch in pipeline.batch_iterator(train_enc, batch_size, buckets, shuffle=True,
+                                         seed=config.seed, epoch=epoch, start_batch=start,
+                                         pad_id=tokenizer.pad_token_id or 0):
+      state, out = steps[batch["input_ids"].shape[1]](state, shard_batch(batch, mesh), rng)
+      pending, step = out, step + 1
+      examples += int(batch["weights"].sum())
+      bar.update(1)
+      if step % config.log_every == 0 or step == total_steps:
+        loss = _check_finite(pending["loss"], step, last_good, workdir)
+        rate = examples / (time.perf_counter() - t_log)
+        bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
+        logger.write(step, {"loss": loss, "examples_per_s": rate})
+        t_log, examples = time.perf_counter(), 0
+      if step % config.checkpoint_every == 0 or step == total_steps or step % steps_per_epoch == 0:
+        _check_finite(pending["loss"], step, last_good, workdir)
+        wd.save_checkpoint(manager, step, state)
+        last_good = step
+      if step % steps_per_epoch == 0 and config.eval_every_epoch or step == total_steps:
+        eval_metrics = evaluate_at(config, pre, state.params, eval_enc, buckets, ep, task)
+        logger.write(step, {f"eval_{k}": v for k, v in eval_metrics.items()})
+        bar.write(f"step {step} (epoch {step / steps_per_epoch:.2f}) eval at coeff "
+                  f"{config.coeff:g}: {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
+      if step >= total_steps:
+        break
+  manager.wait_until_finished()
+  bar.close()
+  logger.close()
+  if config.eval_coeffs and is_main:
+    report.sweep_and_report(config, pre, state.params, eval_enc, buckets, ep, task, workdir)
+  return eval_metrics
+
+
+def _check_finite(loss: jax.Array, step: int, last_good: int | None, workdir: Path) -> float:
+  """Returns the loss as a float, or raises FloatingPointError naming the last good checkpoint."""
+  value = float(loss)
+  if not math.isfinite(value):
+    kept = (f"the last good checkpoint (step {last_good}) is kept in {workdir}"
+            if last_good is not None else "no checkpoint had been written yet")
+    raise FloatingPointError(f"loss became {value} at step {step}; {kept}. Lower "
+                             f"--config.learning_rate or check the data, then rerun to resume")
+  return value
+
+
+def evaluate_at(config, pre, params, eval_enc, buckets, ep, task) -> dict[str, float]:
+  """Returns the task metrics on the eval set at the training coefficient."""
+  clf = evaluate.Classifier(pre.module, params, eval_enc, buckets, config.eval_batch_size,
+                            pre.config.num_hidden_layers, model_id=str(config.model),
+                            dtype=config.dtype)
+  logits = clf.predict(evaluate.schedules_for(config.coeff, ep, buckets))
+  preds = evaluate.predictions(logits, task.is_regression)
+  from latadj_jax import metrics
+  return metrics.compute_metrics(task.metrics, preds, eval_enc.labels)

@@ -1,0 +1,110 @@
+"""Offline tuning, the executable cache and the CLIs' error messages (issues 3 and 4)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from latadj_jax import evaluate, offline, profiling, schedule, train
+
+from conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_model_dir, tiny_sst2_dir, tmp_path_factory):
+  wd = tmp_path_factory.mktemp("evalrun")
+  train.train_and_evaluate(tiny_config(tiny_model_dir, tiny_sst2_dir, num_epochs=1), wd)
+  return wd
+
+
+def _classifier(workdir):
+  r = offline.restore(workdir)
+  (enc,) = profiling.load_encoded_split(r.run.config, r.task, r.tokenizer, "validation")
+  return r, evaluate.Classifier(r.pre.module, r.pre.params, enc, r.buckets, 8,
+                                r.pre.config.num_hidden_layers, "tiny")
+
+
+def test_equal_keep_counts_share_one_executable(workdir):
+  r, clf = _classifier(workdir)
+  ep = r.run.profile
+  k1, k2 = 0.9, 0.9004
+  assert evaluate.schedules_for(k1, ep, r.buckets) == evaluate.schedules_for(k2, ep, r.buckets)
+  clf.predict(evaluate.schedules_for(k1, ep, r.buckets))
+  misses = clf.cache.stats.misses
+  clf.predict(evaluate.schedules_for(k2, ep, r.buckets))
+  assert clf.cache.stats.misses == misses and len(clf.cache) == misses
+  assert clf.cache.stats.hits > 0
+
+
+def test_coeff_one_flat_equals_plain_forward(workdir):
+  r, clf = _classifier(workdir)
+  flat = schedule.flat_profile(r.pre.config.num_hidden_layers)
+  logits = clf.predict(evaluate.schedules_for(1.0, flat, r.buckets))
+  for batch in clf.batches():
+    plain = r.pre.module.apply({"params": r.pre.params}, batch["input_ids"],
+                               batch["attention_mask"], batch["token_type_ids"])["logits"]
+    real = batch["index"] >= 0
+    np.testing.assert_array_equal(logits[batch["index"][real]], np.asarray(plain)[real])
+
+
+def _eval_cli(*args, cwd=REPO):
+  env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+  return subprocess.run([sys.executable, "eval.py", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_second_process_finds_executables_on_disk(workdir, tmp_path):
+  cache = tmp_path / "xla"
+  args = ["--workdir", str(workdir), "--coeff", "0.8,1.0", "--cache_dir", str(cache), "--repeats", "2"]
+  first = _eval_cli(*args)
+  assert first.returncode == 0, first.stderr[-3000:]
+  entries = set(os.listdir(cache))
+  stats1 = json.loads((workdir / "eval_results.json").read_text())["cache"]
+  second = _eval_cli(*args)
+  assert second.returncode == 0, second.stderr[-3000:]
+  stats2 = json.loads((workdir / "eval_results.json").read_text())["cache"]
+  # Every compile writes an entry (min size/time thresholds are off), so nothing new on
+  # disk means every executable came from the persistent cache.
+  assert len(entries) >= stats1["misses"] > 0
+  assert set(os.listdir(cache)) == entries
+  assert stats2["misses"] == stats1["misses"]
+  assert "accuracy" in first.stdout and "| coeff |" in first.stdout
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "abc"])
+def test_bad_coeff_is_a_one_line_error(workdir, bad):
+  proc = _eval_cli("--workdir", str(workdir), f"--coeff={bad}")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().startswith("error:") and "coeff" in proc.stderr
+  assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_workdir_without_checkpoint_is_a_one_line_error(tmp_path):
+  proc = _eval_cli("--workdir", str(tmp_path), "--coeff", "0.9")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "not a training workdir" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _train_cli(*args):
+  env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+  return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_train_cli_errors_are_one_line(tiny_model_dir, tmp_path):
+  unknown = _train_cli("--config=nope")
+  assert unknown.returncode == 2 and "unknown config 'nope'" in unknown.stderr
+  assert "glue_sst2" in unknown.stderr and "Traceback" not in unknown.stderr
+  bad = _train_cli("--config=glue_sst2", "--config.coeff=0", f"--workdir={tmp_path}")
+  assert bad.returncode == 2 and "coeff" in bad.stderr and "Traceback" not in bad.stderr
+  missing = _train_cli("--config=glue_sst2", f"--config.model={tiny_model_dir}",
+                       f"--config.data_dir={tmp_path / 'no_such_dir'}", f"--workdir={tmp_path}")
+  assert missing.returncode == 2 and "no_such_dir" in missing.stderr
+  assert "Traceback" not in missing.stderr

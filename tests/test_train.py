@@ -1,0 +1,142 @@
+"""The training loop end to end on a tiny random BERT: checkpoints, resume, data parallelism (issue 3)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from latadj_jax import train, workdir as wd
+
+from conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _params(workdir):
+  from latadj_jax import offline
+  return offline.restore(workdir)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tiny_sst2_dir, tmp_path_factory):
+  """Returns the workdir of an uninterrupted tiny run (2 epochs, 2 buckets)."""
+  workdir = tmp_path_factory.mktemp("run")
+  metrics = train.train_and_evaluate(tiny_config(tiny_model_dir, tiny_sst2_dir), workdir)
+  return workdir, metrics
+
+
+def test_run_writes_everything_eval_needs(trained):
+  workdir, metrics = trained
+  assert 0.0 <= metrics["accuracy"] <= 1.0
+  for name in ("config.json", "model_config.json", "profile.json", "profile.png",
+               "metrics.jsonl", "tokenizer/tokenizer.json"):
+    assert (workdir / name).exists(), name
+  profile = json.loads((workdir / "profile.json").read_text())
+  assert len(profile["acc"]) == len(profile["fit"]) == len(profile["ep"]) == 3
+  assert set(profile["schedules"]) == {"16", "32"}
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any("loss" in l for l in lines) and any("eval_accuracy" in l for l in lines)
+
+
+def test_quickstart_smoke_real_minilm(tmp_path, capsys):
+  # The README's first run, shortened: real MiniLM weights, the shipped data, one short epoch.
+  from latadj_jax import config_lib
+  config = config_lib.override(config_lib.load("quickstart"), [
+      "max_train_examples=192", "num_epochs=1", "eval_coeffs=(0.8,1.0)", "time_repeats=2",
+      "progress=false"])
+  metrics = train.train_and_evaluate(config, tmp_path)
+  out = capsys.readouterr().out
+  assert "| coeff | accuracy |" in out and "executable cache:" in out
+  assert metrics["accuracy"] >= 0.7  # chance is 0.5; a full quickstart run reaches ~0.88
+  rows = json.loads((tmp_path / "eval_results.json").read_text())["rows"]
+  assert [r["coeff"] for r in rows] == [0.8, 1.0]
+  assert rows[0]["expected_speedup"] > rows[1]["expected_speedup"] > 1.0
+  assert (tmp_path / "eval_sweep.png").stat().st_size > 10_000
+
+
+def test_resume_after_kill_matches_uninterrupted(trained, tiny_model_dir, tiny_sst2_dir,
+                                                 tmp_path, monkeypatch):
+  workdir = tmp_path / "killed"
+  config = tiny_config(tiny_model_dir, tiny_sst2_dir)
+  real_step = train.compiled_step
+  calls = {"n": 0}
+
+  def dying_step(*args, **kwargs):
+    fn = real_step(*args, **kwargs)
+
+    def step(*a):
+      calls["n"] += 1
+      if calls["n"] == 5:  # after the step-3 checkpoint, before step 6's
+        raise KeyboardInterrupt("simulated kill")
+      return fn(*a)
+    return step
+
+  monkeypatch.setattr(train, "compiled_step", dying_step)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, workdir)
+  monkeypatch.setattr(train, "compiled_step", real_step)
+  assert wd.checkpoint_manager(workdir).latest_step() == 3
+  train.train_and_evaluate(config, workdir)
+  ours, ref = _params(workdir), _params(trained[0])
+  assert ours.step == ref.step == 16
+  for a, b in zip(jax.tree.leaves(ours.pre.params), jax.tree.leaves(ref.pre.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, tiny_sst2_dir, tmp_path):
+  config = tiny_config(tiny_model_dir, tiny_sst2_dir, learning_rate=float("nan"), profile="flat")
+  with pytest.raises(FloatingPointError, match="loss became nan at step 2.*no checkpoint"):
+    train.train_and_evaluate(config, tmp_path / "nan")
+
+
+STEP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from jax.sharding import Mesh
+    from latadj_jax import train, models
+    from latadj_jax.models import bert
+    sys.path.insert(0, sys.argv[1])
+    cfg = bert.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0)
+    module = bert.BertForSequenceClassification(cfg)
+    params = models.init_params(module, lambda: (np.ones((1, 8), np.int32),))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, 60, (8, 16)).astype(np.int32)
+    mask = (np.arange(16)[None] < rng.integers(3, 17, (8, 1))).astype(np.int32)
+    batch = dict(input_ids=ids * mask, attention_mask=mask, token_type_ids=np.zeros_like(ids),
+                 labels=rng.integers(0, 2, 8).astype(np.int32),
+                 weights=np.array([1, 1, 1, 1, 1, 0, 1, 0], np.float32))
+    from ml_collections import ConfigDict
+    c = ConfigDict(dict(warmup_ratio=0.0, learning_rate=1e-2, weight_decay=0.01))
+    out = {}
+    for n in (1, 4):
+      mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+      state = train.TrainState.create(apply_fn=module.apply, params=params, tx=train.make_optimizer(c, 10))
+      state = train._replicate(state, mesh)
+      step = train.compiled_step(mesh, module, (16, 9), False)
+      state, m = step(state, train.shard_batch(batch, mesh), jax.random.PRNGKey(0))
+      out[n] = (float(m["loss"]), [np.asarray(x).tolist() for x in jax.tree.leaves(state.params)])
+    print(json.dumps({"devices": jax.device_count(), "loss": [out[1][0], out[4][0]],
+                      "maxdiff": max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                                     for a, b in zip(out[1][1], out[4][1]))}))
+""")
+
+
+def test_four_devices_match_one_device(tmp_path):
+  script = tmp_path / "step.py"
+  script.write_text(STEP_SCRIPT)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  proc = subprocess.run([sys.executable, str(script), str(REPO)], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 4
+  assert result["loss"][0] == pytest.approx(result["loss"][1], abs=1e-5)
+  assert result["maxdiff"] < 1e-5

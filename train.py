@@ -1,0 +1,32 @@
+"""Fine-tune with Sort+Eliminate layers.
+
+    python train.py --config=glue_sst2 [--workdir=DIR] [--config.coeff=0.9 ...]
+
+This file is intentionally short: the loop lives in ``latadj_jax.train``.
+"""
+
+import argparse
+from pathlib import Path
+
+from latadj_jax import cli, config_lib
+
+
+def main(argv: list[str]) -> int:
+  name, overrides, rest = config_lib.split_argv(argv)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   epilog="Override any config field with --config.FIELD=VALUE.")
+  parser.add_argument("--workdir", default=None, help="default: workdirs/<config name>")
+  args = parser.parse_args(rest)
+  if name is None:
+    raise config_lib.ConfigError(
+        f"pass --config=NAME; available: {', '.join(config_lib.available())}")
+  config = config_lib.override(config_lib.load(name), overrides)
+  workdir = Path(args.workdir or Path("workdirs") / config.name)
+  print(f"workdir: {workdir}")
+  from latadj_jax import train  # after argument checks: importing JAX takes seconds
+  train.train_and_evaluate(config, workdir)
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run(main)
