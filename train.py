@@ -23,8 +23,14 @@ def main(argv: list[str]) -> int:
   config = config_lib.override(config_lib.load(name), overrides)
   workdir = Path(args.workdir or Path("workdirs") / config.name)
   print(f"workdir: {workdir}")
-  from latadj_jax import train  # after argument checks: importing JAX takes seconds
-  train.train_and_evaluate(config, workdir)
+  from latadj_jax import checkpoints, train  # after argument checks: importing JAX takes seconds
+  from latadj_jax.data import sources
+  try:
+    train.train_and_evaluate(config, workdir)
+  except (checkpoints.CheckpointError, sources.DataUnavailableError) as e:
+    raise type(e)(f"{e}\nFor a fully offline run, pass local weights and data: "
+                  f"python train.py --config={config.name} --config.model=DIR "
+                  f"--config.data_dir=DIR, or try python train.py --config=quickstart") from None
   return 0
 
 

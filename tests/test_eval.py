@@ -108,3 +108,13 @@ def test_train_cli_errors_are_one_line(tiny_model_dir, tmp_path):
                        f"--config.data_dir={tmp_path / 'no_such_dir'}", f"--workdir={tmp_path}")
   assert missing.returncode == 2 and "no_such_dir" in missing.stderr
   assert "Traceback" not in missing.stderr
+
+
+def test_hub_unreachable_fails_fast_with_guidance(tmp_path):
+  import time
+  start = time.time()
+  proc = _train_cli("--config=glue_sst2", f"--workdir={tmp_path}")  # HF_HUB_OFFLINE=1
+  assert time.time() - start < 30
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "bert-base-uncased" in proc.stderr
+  assert "--config.model=DIR" in proc.stderr and "--config.data_dir=DIR" in proc.stderr
