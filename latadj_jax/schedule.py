@@ -77,7 +77,7 @@ def profile_from_fit(fit: Sequence[float]) -> tuple[float, ...]:
   for layer in range(1, len(f)):
     # A non-positive fit has no meaning as a contribution ratio: stop eliminating.
     halted = halted or f[layer] > f[layer - 1] or f[layer] <= 0
-    ep.append(1.0 if halted else min(1.0, f[layer] / f[layer - 1]))
+    ep.append(1.0 if halted else float(min(1.0, f[layer] / f[layer - 1])))
   return tuple(ep)
 
 

@@ -60,9 +60,9 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, module, keep_c
                is_regression, axis: str = "data") -> tuple[TrainState, dict]:
   """Returns the updated state and the global loss; runs per device inside ``shard_map``.
 
-  Summing weighted losses and gradients over the axis (rather than averaging
-  per-device means) keeps the result exact when padded rows (weight 0) are
-  spread unevenly across devices: it equals the single-device step.
+  Dividing each device's weighted loss sum by the global weight (rather than
+  averaging per-device means) keeps the result exact when padded rows (weight 0)
+  are spread unevenly across devices: it equals the single-device step.
   """
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis))
   total_weight = jnp.maximum(jax.lax.psum(jnp.sum(batch["weights"]), axis), 1.0)
@@ -73,7 +73,10 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, module, keep_c
     return total / total_weight
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  grads = jax.lax.psum(grads, axis)
+  # No explicit psum of grads: the params are replicated (unvarying over ``axis``),
+  # so under shard_map's varying-type checks their gradient is already summed over
+  # the axis (the transpose of the implicit pvary is a psum). Summing again would
+  # scale it by the device count.
   return state.apply_gradients(grads=grads), {"loss": jax.lax.psum(loss, axis)}
 
 
@@ -87,7 +90,7 @@ def compiled_step(mesh, module, keep_counts, is_regression):
   fn = functools.partial(train_step, module=module, keep_counts=keep_counts,
                          is_regression=is_regression)
   return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data"), P()),
-                               out_specs=(P(), P())), donate_argnums=0)
+                               out_specs=(P(), P()), check_vma=True), donate_argnums=0)
 
 
 def shard_batch(batch: dict, mesh) -> dict:
@@ -154,33 +157,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   t_log, examples = time.perf_counter(), 0
   eval_metrics: dict[str, Any] = {}
   pending = None
-  while step < total_steps:
-    epoch, start = divmod(step, steps_per_epoch)
-    for batch in pipeline.batch_iterator(train_enc, batch_size, buckets, shuffle=True,
-                                         seed=config.seed, epoch=epoch, start_batch=start,
-                                         pad_id=tokenizer.pad_token_id or 0):
-      state, out = steps[batch["input_ids"].shape[1]](state, shard_batch(batch, mesh), rng)
-      pending, step = out, step + 1
-      examples += int(batch["weights"].sum())
-      bar.update(1)
-      if step % config.log_every == 0 or step == total_steps:
-        loss = _check_finite(pending["loss"], step, last_good, workdir)
-        rate = examples / (time.perf_counter() - t_log)
-        bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
-        logger.write(step, {"loss": loss, "examples_per_s": rate})
-        t_log, examples = time.perf_counter(), 0
-      if step % config.checkpoint_every == 0 or step == total_steps or step % steps_per_epoch == 0:
-        _check_finite(pending["loss"], step, last_good, workdir)
-        wd.save_checkpoint(manager, step, state)
-        last_good = step
-      if step % steps_per_epoch == 0 and config.eval_every_epoch or step == total_steps:
-        eval_metrics = evaluate_at(config, pre, state.params, eval_enc, buckets, ep, task)
-        logger.write(step, {f"eval_{k}": v for k, v in eval_metrics.items()})
-        bar.write(f"step {step} (epoch {step / steps_per_epoch:.2f}) eval at coeff "
-                  f"{config.coeff:g}: {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
-      if step >= total_steps:
-        break
-  manager.wait_until_finished()
+  try:
+    while step < total_steps:
+      epoch, start = divmod(step, steps_per_epoch)
+      for batch in pipeline.batch_iterator(train_enc, batch_size, buckets, shuffle=True,
+                                           seed=config.seed, epoch=epoch, start_batch=start,
+                                           pad_id=tokenizer.pad_token_id or 0):
+        state, out = steps[batch["input_ids"].shape[1]](state, shard_batch(batch, mesh), rng)
+        pending, step = out, step + 1
+        examples += int(batch["weights"].sum())
+        bar.update(1)
+        if step % config.log_every == 0 or step == total_steps:
+          loss = _check_finite(pending["loss"], step, last_good, workdir)
+          rate = examples / (time.perf_counter() - t_log)
+          bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
+          logger.write(step, {"loss": loss, "examples_per_s": rate})
+          t_log, examples = time.perf_counter(), 0
+        if step % config.checkpoint_every == 0 or step == total_steps or step % steps_per_epoch == 0:
+          _check_finite(pending["loss"], step, last_good, workdir)
+          wd.save_checkpoint(manager, step, state)
+          last_good = step
+        if step % steps_per_epoch == 0 and config.eval_every_epoch or step == total_steps:
+          eval_metrics = evaluate_at(config, pre, state.params, eval_enc, buckets, ep, task)
+          logger.write(step, {f"eval_{k}": v for k, v in eval_metrics.items()})
+          bar.write(f"step {step} (epoch {step / steps_per_epoch:.2f}) eval at coeff "
+                    f"{config.coeff:g}: {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
+        if step >= total_steps:
+          break
+  finally:
+    # A pending async save must land even when the run is interrupted.
+    manager.wait_until_finished()
   bar.close()
   logger.close()
   if config.eval_coeffs and is_main:

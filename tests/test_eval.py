@@ -51,7 +51,9 @@ def test_coeff_one_flat_equals_plain_forward(workdir):
     plain = r.pre.module.apply({"params": r.pre.params}, batch["input_ids"],
                                batch["attention_mask"], batch["token_type_ids"])["logits"]
     real = batch["index"] >= 0
-    np.testing.assert_array_equal(logits[batch["index"][real]], np.asarray(plain)[real])
+    # Same math; the AOT executable and eager apply may fuse differently (ulp-level).
+    np.testing.assert_allclose(logits[batch["index"][real]], np.asarray(plain)[real],
+                               atol=1e-6, rtol=0)
 
 
 def _eval_cli(*args, cwd=REPO):
