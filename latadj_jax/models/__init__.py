@@ -41,9 +41,10 @@ def family(hf_config: dict) -> ModuleType:
   return importlib.import_module(FAMILY_MODULES[model_type])
 
 
-def build(hf_config: dict, head: str = "classification", **overrides: Any):
-  """Returns ``(module, config, dummy_inputs)`` for an HF config dict."""
-  return family(hf_config).build(hf_config, head, **overrides)
+def build(hf_config: dict, head: str | None = None, **overrides: Any):
+  """Returns ``(module, config, dummy_inputs)``; ``head=None`` takes the family's default head."""
+  fam = family(hf_config)
+  return fam.build(hf_config, **overrides) if head is None else fam.build(hf_config, head, **overrides)
 
 
 def init_params(module: Any, dummy_inputs: Callable, seed: int = 0) -> dict:
@@ -57,11 +58,12 @@ def load_tensors(params: dict, hf_config: dict, tensors: dict, fmt: str):
   return checkpoints.load_weights(params, tensors, fmt, fam.torch_name_map, fam.BASE_PREFIX)
 
 
-def from_pretrained(name_or_path: str, head: str = "classification", seed: int = 0,
+def from_pretrained(name_or_path: str, head: str | None = None, seed: int = 0,
                     **overrides: Any) -> Pretrained:
   """Returns a module with HF weights loaded from a local directory or a hub id.
 
-  Parameters the checkpoint lacks (a new classification head) keep their
+  ``head=None`` takes the family's default (BERT: classification, GPT-2: lm,
+  T5: seq2seq). Parameters the checkpoint lacks (a new classification head) keep their
   random initialisation from ``seed``; ``overrides`` set config fields such as
   ``num_labels`` or ``dtype``.
   """

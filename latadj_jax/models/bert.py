@@ -48,7 +48,8 @@ class BertConfig:
     """Returns a BertConfig from an HF config object or dict, with overrides applied."""
     src = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
     fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in src.items() if k in fields}
+    # HF's "dtype" is the checkpoint's storage type, not our activation dtype.
+    kwargs = {k: v for k, v in src.items() if k in fields and k != "dtype"}
     if "num_labels" not in src and "id2label" in src:
       kwargs["num_labels"] = len(src["id2label"])
     kwargs.update(overrides)
