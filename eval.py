@@ -2,11 +2,17 @@
 
     python eval.py --workdir=DIR --coeff 0.9
     python eval.py --workdir=DIR --coeff 0.8,0.85,0.9,1.0,1.2
+    python eval.py --workdir=DIR --speedup 2.5            # per bucket, the largest k reaching 2.5x (eq. 7)
+    python eval.py --workdir=DIR --calibrate --batch_size 8   # time a grid of schedules on this device
+    python eval.py --workdir=DIR --latency_ms 20 --batch_size 8  # the least elimination within 20 ms
     python eval.py --config=flan_t5_mmlu --config.model=DIR --coeff 0.9 [--out DIR]  # few-shot T5,
                                                                   # training-free: no workdir
 
 Compiled executables are cached in memory and on disk (``DIR/xla_cache`` by
 default), keyed by the keep-count schedule, so a second run skips compiling.
+A latency budget uses the calibration table of this device and batch size
+(``DIR/calibration_<device>_b<batch>.json``); ``--calibrate --latency_ms``
+measures it first in the same run.
 """
 
 import argparse
@@ -19,7 +25,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", default=None,
                  help="a training workdir (train.py --workdir); or give --config=NAME instead")
-  p.add_argument("--coeff", default="1.0", help="k, or a comma list to sweep: 0.8,0.9,1.0")
+  target = p.add_mutually_exclusive_group()
+  target.add_argument("--coeff", default=None, help="k, or a comma list to sweep: 0.8,0.9,1.0 (default 1.0)")
+  target.add_argument("--speedup", default=None,
+                      help="expected (eq. 7) speedup to reach: each bucket gets the largest k that does")
+  target.add_argument("--latency_ms", default=None,
+                      help="per-batch latency budget: each bucket gets the least elimination that fits "
+                           "(needs --calibrate, now or before)")
+  p.add_argument("--calibrate", action="store_true",
+                 help="measure each bucket's latency at a grid of schedules and store it in the workdir")
+  p.add_argument("--calibrate_points", type=int, default=12, help="schedules per bucket to time")
   p.add_argument("--split", default="validation")
   p.add_argument("--batch_size", type=int, default=0, help="default: the run's eval_batch_size")
   p.add_argument("--max_examples", type=int, default=0)
@@ -37,14 +52,31 @@ def main(argv: list[str]) -> int:
   if not args.workdir:
     raise ValueError("pass --workdir=DIR (a run trained with train.py) or --config=NAME "
                      "(a training-free few-shot run: flan_t5_mmlu or flan_t5_bbh)")
-  from latadj_jax import offline, workdir as wd
-  coeffs = offline.parse_coeffs(args.coeff)       # fail on a bad coeff before any work
+  from latadj_jax import offline, targets, workdir as wd
+  # Fail on a bad flag value before any work.
+  speedup = None if args.speedup is None else targets.validate_speedup(args.speedup)
+  latency = None if args.latency_ms is None else targets.validate_latency_ms(args.latency_ms)
+  coeffs = offline.parse_coeffs(args.coeff or "1.0")
   wd.load_run(args.workdir)                       # ... and on a workdir with nothing in it
   from latadj_jax import evaluate
   evaluate.setup_compilation_cache(args.cache_dir or Path(args.workdir) / "xla_cache")
-  offline.evaluate_workdir(args.workdir, coeffs, split=args.split, batch_size=args.batch_size,
-                           max_examples=args.max_examples, profile=args.profile,
-                           time_repeats=args.repeats)
+  common = dict(batch_size=args.batch_size, profile=args.profile)
+  if speedup is not None or (latency is not None and not args.calibrate):
+    # ... and on an unreachable target or a missing calibration, before the model loads.
+    offline.choose(args.workdir, speedup=speedup, latency_ms=latency, **common)
+  cache = evaluate.ExecutableCache()
+  if args.calibrate:
+    offline.calibrate_workdir(args.workdir, points=args.calibrate_points, repeats=args.repeats,
+                              cache=cache, **common)
+    if args.coeff is None and speedup is None and latency is None:
+      return 0
+  if speedup is not None or latency is not None:
+    offline.evaluate_target(args.workdir, speedup=speedup, latency_ms=latency, split=args.split,
+                            max_examples=args.max_examples, time_repeats=args.repeats, cache=cache,
+                            **common)
+  else:
+    offline.evaluate_workdir(args.workdir, coeffs, split=args.split, max_examples=args.max_examples,
+                             time_repeats=args.repeats, cache=cache, **common)
   return 0
 
 

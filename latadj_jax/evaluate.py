@@ -160,6 +160,19 @@ def sweep(clf: Classifier, coeffs: Sequence[float], profile: Sequence[float], ta
           is_regression: bool, time_repeats: int = 10, progress: bool = True) -> list[dict]:
   """Returns one report row per coefficient: metrics, schedule, expected/FLOPs/measured speedups."""
   coeffs = [schedule.validate_coeff(k) for k in coeffs]
+  sizes = clf.bucket_counts()
+  plans = [(k, schedules_for(k, profile, sizes)) for k in coeffs]
+  return sweep_schedules(clf, plans, task_metrics, is_regression, time_repeats, progress)
+
+
+def sweep_schedules(clf: Classifier, plans: Sequence[tuple[float, dict[int, tuple[int, ...]]]],
+                    task_metrics: Sequence[str], is_regression: bool, time_repeats: int = 10,
+                    progress: bool = True) -> list[dict]:
+  """Returns one report row per ``(coeff, per-bucket schedules)`` plan, as ``sweep`` does.
+
+  The schedules may come from a different k in each bucket (a speedup target or
+  a latency budget); ``coeff`` is the one reported, usually the main bucket's.
+  """
   flat = schedule.flat_profile(clf.num_layers)
   main = clf.main_bucket()
   sizes = clf.bucket_counts()
@@ -169,12 +182,11 @@ def sweep(clf: Classifier, coeffs: Sequence[float], profile: Sequence[float], ta
   args = (clf.params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
   labels, weights = clf.encoded.labels, None
   rows = []
-  iterator = coeffs
+  iterator = plans
   if progress:
     from tqdm.auto import tqdm
-    iterator = tqdm(coeffs, desc="coeff sweep", unit="k")
-  for k in iterator:
-    scheds = schedules_for(k, profile, sizes)
+    iterator = tqdm(plans, desc="coeff sweep", unit="k")
+  for k, scheds in iterator:
     t0 = time.perf_counter()
     logits = clf.predict(scheds)
     eval_seconds = time.perf_counter() - t0
