@@ -119,6 +119,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   Rerunning with the same workdir resumes from the latest checkpoint.
   """
+  if config.get("task") == "lm":  # causal LMs: loss on the survivors (``latadj_jax.lm``)
+    from latadj_jax import lm
+    return lm.train_and_evaluate(config, workdir)
   maybe_initialize_distributed()
   workdir = Path(workdir)
   schedule.validate_coeff(config.coeff)

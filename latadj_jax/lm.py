@@ -1,0 +1,239 @@
+"""Causal language-model training with Sort+Eliminate: ``train_and_evaluate`` for ``task = "lm"``.
+
+With elimination, GPT-2 returns hidden states only for the positions that
+survive every layer, with their original positions. A survivor at original
+position ``p`` predicts the token at ``p + 1``, so the loss is the mean
+next-token cross-entropy over the survivors that have a real target. The
+eliminated positions get no loss of their own; they still feed the survivors
+as keys in the layers before they go.
+
+The loop reuses the classifier's machinery rather than a copy of it: the
+optimizer and its schedule, the ``'data'`` mesh, orbax checkpoints in the
+workdir (resume by rerunning), the metric logger, the NaN guard, and ACC
+profiling with the profile fit (``profiling.resolve_profile``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from latadj_jax import models, profiling, report, schedule, train, workdir as wd
+from latadj_jax.data import pipeline, text
+
+BATCH_KEYS = ("input_ids", "attention_mask", "targets", "target_weights")
+
+
+# --- the loss -----------------------------------------------------------------------------------
+def survivor_nll(logits_BxKxV: jax.Array, positions_BxK: jax.Array, mask_BxK: jax.Array,
+                 targets_BxN: jax.Array, weights_BxN: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Returns (nll_BxK, weight_BxK): each survivor's next-token NLL, and 1 where it is scored.
+
+  ``targets_BxN[:, p]`` is the token after original position ``p``; a
+  survivor is scored when it is a real token and its target exists
+  (``weights_BxN[:, p] > 0``). The NLL is already multiplied by the weight.
+  """
+  tgt_BxK = jnp.take_along_axis(targets_BxN, positions_BxK, axis=1)
+  w_BxK = jnp.take_along_axis(weights_BxN.astype(jnp.float32), positions_BxK, axis=1)
+  w_BxK = w_BxK * mask_BxK.astype(jnp.float32)
+  nll_BxK = optax.softmax_cross_entropy_with_integer_labels(logits_BxKxV.astype(jnp.float32),
+                                                            tgt_BxK)
+  return nll_BxK * w_BxK, w_BxK
+
+
+def loss_sums(params, batch: dict, rng, *, module, keep_counts,
+              deterministic: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Returns (sum of survivor NLLs, number of scored survivors) for one (local) batch."""
+  out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                     keep_counts=keep_counts, deterministic=deterministic,
+                     rngs=None if deterministic else {"dropout": rng})
+  nll_BxK, w_BxK = survivor_nll(out["logits"], out["positions"], out["mask"],
+                                batch["targets"], batch["target_weights"])
+  return jnp.sum(nll_BxK), jnp.sum(w_BxK)
+
+
+def train_step(state: train.TrainState, batch: dict, rng: jax.Array, *, module, keep_counts,
+               axis: str = "data") -> tuple[train.TrainState, dict]:
+  """Returns the updated state and the global mean survivor loss; runs per device in ``shard_map``.
+
+  Each device divides its NLL sum by the global count of scored survivors, so
+  the (implicitly summed) gradient is that of the global mean, as in
+  ``train.train_step``.
+  """
+  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis))
+
+  def loss_fn(params):
+    total, count = loss_sums(params, batch, rng, module=module, keep_counts=keep_counts)
+    # Which positions survive is discrete: the count carries no gradient.
+    count = jax.lax.psum(jax.lax.stop_gradient(count), axis)
+    return total / jnp.maximum(count, 1.0), count
+
+  (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return state.apply_gradients(grads=grads), {"loss": jax.lax.psum(loss, axis), "scored": count}
+
+
+def compiled_step(mesh, module, keep_counts):
+  """Returns the jitted, data-parallel LM train step for one keep-count schedule (state donated)."""
+  fn = functools.partial(train_step, module=module, keep_counts=keep_counts)
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data"), P()),
+                               out_specs=(P(), P()), check_vma=True), donate_argnums=0)
+
+
+def shard_batch(batch: dict, mesh) -> dict:
+  """Returns the LM batch's arrays sharded over ``'data'``; each host feeds its own rows."""
+  sharding = NamedSharding(mesh, P("data"))
+  n_proc, pid = jax.process_count(), jax.process_index()
+  return {name: jax.make_array_from_process_local_data(
+      sharding, np.array_split(batch[name], n_proc)[pid]) for name in BATCH_KEYS}
+
+
+# --- model, data and profile --------------------------------------------------------------------
+def scratch_hf_config(shape: Any, vocab_size: int, eos_id: int | None) -> dict:
+  """Returns an HF-style GPT-2 config dict for a randomly initialised model of ``shape``."""
+  return {"model_type": "gpt2", **dict(shape), "vocab_size": int(vocab_size),
+          "bos_token_id": eos_id, "eos_token_id": eos_id}
+
+
+def load_model(config: ml_collections.ConfigDict) -> tuple[models.Pretrained, Any]:
+  """Returns ``(Pretrained, tokenizer)``: HF GPT-2 weights, or (``model=""``) a random GPT-2 of ``config.gpt2``."""
+  drop = dict(resid_pdrop=config.dropout, embd_pdrop=config.dropout,
+              attn_pdrop=config.dropout, dtype=config.dtype)
+  if config.model:
+    pre = models.from_pretrained(config.model, head="lm", seed=config.seed, **drop)
+    tokenizer = text.load_tokenizer(config.tokenizer, pre.model_dir)
+  else:
+    tokenizer = text.load_tokenizer(config.tokenizer, None)
+    hf_config = scratch_hf_config(config.gpt2, len(tokenizer), tokenizer.eos_token_id)
+    module, cfg, dummy = models.build(hf_config, "lm", **drop)
+    pre = models.Pretrained(module, models.init_params(module, dummy, config.seed), cfg,
+                            hf_config, None, None)
+  if len(tokenizer) > pre.config.vocab_size:
+    raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
+                     f"{pre.config.vocab_size}; use the model's own (--config.tokenizer=model)")
+  if config.block_size > pre.config.n_positions:
+    raise ValueError(f"block_size {config.block_size} exceeds the model's "
+                     f"{pre.config.n_positions} positions; lower --config.block_size")
+  return pre, tokenizer
+
+
+def load_blocks(config, tokenizer, split: str, max_blocks: int = 0) -> text.LMEncoded:
+  """Returns one split as next-token blocks of ``config.block_size``."""
+  stream = text.tokenize_stream(text.load_texts(config, split), tokenizer)
+  blocks = text.make_blocks(stream, config.block_size, max_blocks)
+  print(f"{split}: {len(stream):,} tokens in {len(blocks)} blocks of {config.block_size}")
+  return blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class _BertSignature:
+  """Presents a GPT-2 module with BERT's ``apply(vars, ids, mask, token_types)`` to ACC profiling."""
+  module: Any
+
+  def apply(self, variables, input_ids, attention_mask, token_type_ids, **kwargs):
+    del token_type_ids  # GPT-2 has none
+    return self.module.apply(variables, input_ids, attention_mask, **kwargs)
+
+
+def resolve_profile(config, workdir: Path, pre: models.Pretrained, train_enc: text.LMEncoded,
+                    write: bool) -> tuple[float, ...]:
+  """Returns EP (stored, given, or measured from causal ACC on training blocks) via the classifier's code."""
+  view = dataclasses.replace(pre, module=_BertSignature(pre.module))
+  return profiling.resolve_profile(config, workdir, view, train_enc, (config.block_size,),
+                                   pre.config.n_layer, write)
+
+
+# --- the loop -----------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Trains the LM with elimination at ``config.coeff``, checkpointing to ``workdir``; returns eval metrics.
+
+  Rerunning with the same workdir resumes from the latest checkpoint.
+  """
+  from latadj_jax import lm_eval  # it imports this module
+  train.maybe_initialize_distributed()
+  workdir = Path(workdir)
+  schedule.validate_coeff(config.coeff)
+  pre, tokenizer = load_model(config)
+  train_enc = load_blocks(config, tokenizer, "train", config.max_train_examples)
+  eval_enc = load_blocks(config, tokenizer, "validation", config.max_eval_examples)
+  is_main = jax.process_index() == 0
+  if is_main:
+    wd.save_metadata(workdir, config, pre.hf_config, tokenizer)
+  ep = resolve_profile(config, workdir, pre, train_enc, is_main)
+  block = config.block_size
+  counts = schedule.keep_counts(block, config.coeff, ep)
+  batch_size = config.batch_size
+  if batch_size % jax.device_count():
+    raise ValueError(f"batch_size {batch_size} must be a multiple of the {jax.device_count()} "
+                     f"devices; set --config.batch_size")
+  steps_per_epoch = pipeline.num_batches(train_enc, batch_size, (block,))
+  total_steps = steps_per_epoch * config.num_epochs
+  if config.max_steps > 0:
+    total_steps = min(total_steps, config.max_steps)
+
+  mesh = train.make_mesh()
+  state = train.TrainState.create(apply_fn=pre.module.apply, params=pre.params,
+                                  tx=train.make_optimizer(config, total_steps))
+  manager = wd.checkpoint_manager(workdir, config.keep_checkpoints)
+  if manager.latest_step() is not None:
+    state = wd.restore_state(manager, state)
+    print(f"resumed from step {int(state.step)} in {workdir}")
+  state = train._replicate(state, mesh)
+  step_fn = compiled_step(mesh, pre.module, counts)
+  rng = jax.random.PRNGKey(config.seed)
+  logger = report.MetricLogger(workdir, enabled=is_main)
+  step = int(state.step)
+  last_good = manager.latest_step()
+  bar = report.progress(total_steps, step, "train", enabled=config.progress and is_main)
+  t_log, tokens = time.perf_counter(), 0
+  eval_metrics: dict[str, Any] = {}
+  pending = None
+  pad_id = tokenizer.pad_token_id or 0
+  try:
+    while step < total_steps:
+      epoch, start = divmod(step, steps_per_epoch)
+      for batch in text.lm_batches(train_enc, batch_size, shuffle=True, seed=config.seed,
+                                   epoch=epoch, start_batch=start, pad_id=pad_id):
+        state, out = step_fn(state, shard_batch(batch, mesh), rng)
+        pending, step = out, step + 1
+        tokens += int(batch["target_weights"].sum())
+        bar.update(1)
+        if step % config.log_every == 0 or step == total_steps:
+          loss = train._check_finite(pending["loss"], step, last_good, workdir)
+          rate = tokens / (time.perf_counter() - t_log)
+          bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
+          # The last step's share of target positions that survived to be scored.
+          scored = float(pending["scored"]) / max(float(batch["target_weights"].sum()), 1.0)
+          logger.write(step, {"loss": loss, "tokens_per_s": rate, "scored_fraction": scored})
+          t_log, tokens = time.perf_counter(), 0
+        if step % config.checkpoint_every == 0 or step == total_steps or step % steps_per_epoch == 0:
+          train._check_finite(pending["loss"], step, last_good, workdir)
+          wd.save_checkpoint(manager, step, state)
+          last_good = step
+        if step % steps_per_epoch == 0 and config.eval_every_epoch or step == total_steps:
+          eval_metrics = lm_eval.perplexity_at(config, pre.module, state.params, eval_enc,
+                                               counts)
+          logger.write(step, {f"eval_{k}": v for k, v in eval_metrics.items()})
+          bar.write(f"step {step} (epoch {step / steps_per_epoch:.2f}) eval at coeff "
+                    f"{config.coeff:g}: {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
+        if step >= total_steps:
+          break
+  finally:
+    # A pending async save must land even when the run is interrupted.
+    manager.wait_until_finished()
+  bar.close()
+  logger.close()
+  if config.eval_coeffs and is_main:
+    lm_eval.sweep_and_report(config, pre.module, state.params, eval_enc, ep, workdir,
+                             model_id=str(config.model or "scratch"))
+  return eval_metrics
