@@ -5,6 +5,7 @@
     python eval.py --workdir=DIR --speedup 2.5            # per bucket, the largest k reaching 2.5x (eq. 7)
     python eval.py --workdir=DIR --calibrate --batch_size 8   # time a grid of schedules on this device
     python eval.py --workdir=DIR --latency_ms 20 --batch_size 8  # the least elimination within 20 ms
+    python eval.py --workdir=LM_DIR --coeff 0.8,0.9,1.0 [--lambada=FILE.jsonl]  # an LM: perplexity
     python eval.py --config=flan_t5_mmlu --config.model=DIR --coeff 0.9 [--out DIR]  # few-shot T5,
                                                                   # training-free: no workdir
 
@@ -41,6 +42,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--profile", default="", help="'flat' or 'v1,v2,...' to override the stored profile")
   p.add_argument("--cache_dir", default="", help="persistent compilation cache (default WORKDIR/xla_cache)")
   p.add_argument("--repeats", type=int, default=10, help="timed runs per coeff (median)")
+  p.add_argument("--lambada", default="", help="language models: a JSONL of {\"text\": ...} passages "
+                 "(or a hub id) for last-word accuracy and perplexity")
   return p.parse_args(argv)
 
 
@@ -57,9 +60,11 @@ def main(argv: list[str]) -> int:
   speedup = None if args.speedup is None else targets.validate_speedup(args.speedup)
   latency = None if args.latency_ms is None else targets.validate_latency_ms(args.latency_ms)
   coeffs = offline.parse_coeffs(args.coeff or "1.0")
-  wd.load_run(args.workdir)                       # ... and on a workdir with nothing in it
+  run = wd.load_run(args.workdir)                 # ... and on a workdir with nothing in it
   from latadj_jax import evaluate
   evaluate.setup_compilation_cache(args.cache_dir or Path(args.workdir) / "xla_cache")
+  if run.config.get("task") == "lm":
+    return _evaluate_lm(args, coeffs)
   common = dict(batch_size=args.batch_size, profile=args.profile)
   if speedup is not None or (latency is not None and not args.calibrate):
     # ... and on an unreachable target or a missing calibration, before the model loads.
@@ -77,6 +82,18 @@ def main(argv: list[str]) -> int:
   else:
     offline.evaluate_workdir(args.workdir, coeffs, split=args.split, max_examples=args.max_examples,
                              time_repeats=args.repeats, cache=cache, **common)
+  return 0
+
+
+def _evaluate_lm(args: argparse.Namespace, coeffs: list[float]) -> int:
+  """Evaluates a language-model workdir: survivor perplexity (and last-word scores) per k."""
+  if args.speedup is not None or args.latency_ms is not None or args.calibrate:
+    raise ValueError("--speedup, --latency_ms and --calibrate are for classifiers; "
+                     "evaluate a language model with --coeff")
+  from latadj_jax import lm_eval
+  lm_eval.evaluate_workdir(args.workdir, coeffs, split=args.split, batch_size=args.batch_size,
+                           max_examples=args.max_examples, profile=args.profile,
+                           time_repeats=args.repeats, lambada=args.lambada)
   return 0
 
 
