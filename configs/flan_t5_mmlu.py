@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.benchmark = "mmlu"
   c.data_source = "auto"
   c.data_dir = ""                  # a dir with mmlu_cot_prompts.json (or the file), or bbh/*.yaml
-  c.tasks = ()                     # subjects or BBH tasks to keep; empty: all
+  c.tasks = ()                     # empty: all; or --config.tasks="'anatomy','virology'"
   c.num_shots = 5                  # a prompt over max_len drops its last shots first
   c.max_items = 0                  # > 0: evaluate only this many, round-robin over tasks
   c.max_len = 512

@@ -67,13 +67,23 @@ class Harness:
 def load_t5(model: str, dtype: str = "float32") -> tuple[models.Pretrained, Any]:
   """Returns a T5 (HF weights) and its tokenizer, or raises ValueError for another family."""
   import transformers
-  model_type = checkpoints.read_config(checkpoints.resolve_model_dir(model)).get("model_type")
-  if model_type != "t5":
+  model_dir = checkpoints.resolve_model_dir(model)
+  hf_config = checkpoints.read_config(model_dir)
+  if hf_config.get("model_type") != "t5":
     raise ValueError(f"the few-shot harness runs encoder-decoder T5 models; {model!r} has "
-                     f"model_type {model_type!r}. Pass --config.model=google/flan-t5-base or a "
-                     f"local T5 directory")
-  pre = models.from_pretrained(model, head="seq2seq", dtype=dtype)
-  return pre, transformers.AutoTokenizer.from_pretrained(str(pre.model_dir))
+                     f"model_type {hf_config.get('model_type')!r}. Pass "
+                     f"--config.model=google/flan-t5-base or a local T5 directory")
+  module, cfg, dummy = models.build(hf_config, "seq2seq", dtype=dtype)
+  # Every T5 parameter comes from the checkpoint, so load onto abstract shapes:
+  # compiling ``module.init`` would take minutes for Flan-T5-base on a small CPU.
+  abstract = jax.eval_shape(lambda: models.init_params(module, dummy))
+  tensors, fmt = checkpoints.read_weights(model_dir)
+  params, report = models.load_tensors(abstract, hf_config, tensors, fmt)
+  if report.missing:
+    raise checkpoints.CheckpointError(f"{model!r} lacks T5 parameters {report.missing[:5]} "
+                                      f"({len(report.missing)} in all)")
+  pre = models.Pretrained(module, jax.device_put(params), cfg, hf_config, model_dir, report)
+  return pre, transformers.AutoTokenizer.from_pretrained(str(model_dir))
 
 
 def build(config, bench: fs.Benchmark, pre: models.Pretrained, tokenizer) -> Harness:
@@ -97,7 +107,12 @@ def resolve_profile(h: Harness, spec: str, num_batches: int, degree: int
   if spec == "flat":
     return schedule.flat_profile(h.num_layers), None
   if spec != "acc":
-    return schedule.validate_profile([float(v) for v in spec.split(",")], h.num_layers), None
+    try:
+      values = [float(v) for v in spec.split(",")]
+    except ValueError:
+      raise ValueError(f"--config.profile must be flat, acc or {h.num_layers} comma-separated "
+                       f"values in (0, 1], got {spec!r}") from None
+    return schedule.validate_profile(values, h.num_layers), None
   encode = jax.jit(lambda p, i, m: h.pre.module.apply(
       {"params": p}, i, m, output_scores=True, method=t5.T5ForConditionalGeneration.encode)["acc"])
   total, count = 0.0, 0

@@ -318,7 +318,7 @@ def _check_rows(result, num_layers=2):
 def test_eval_cli_mmlu_end_to_end(data_dir, model_dir, tmp_path):
   out = tmp_path / "mmlu"
   r = _eval_cli("--config=flan_t5_mmlu", f"--config.model={model_dir}",
-                f"--config.data_dir={data_dir}", "--config.max_len=128", "--config.buckets=(64,)",
+                f"--config.data_dir={data_dir}", "--config.max_len=128", "--config.buckets=(128,)",
                 "--config.batch_size=4", "--coeff", "1.0,0.8", "--repeats", "1", "--out", str(out))
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads((out / fewshot.RESULTS).read_text())
@@ -332,8 +332,9 @@ def test_eval_cli_mmlu_end_to_end(data_dir, model_dir, tmp_path):
 
 def test_eval_cli_bbh_end_to_end_into_config_workdir(data_dir, model_dir, tmp_path):
   r = _eval_cli("--config=flan_t5_bbh", f"--config.model={model_dir}",
-                f"--config.data_dir={data_dir}", "--config.max_len=128", "--config.buckets=(64,)",
-                f"--config.workdir={tmp_path}", "--coeff", "1.0,0.8", "--repeats", "1")
+                f"--config.data_dir={data_dir}", "--config.max_len=128", "--config.buckets=(128,)",
+                "--config.batch_size=4", f"--config.workdir={tmp_path}", "--coeff", "1.0,0.8",
+                "--repeats", "1")
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads((tmp_path / fewshot.RESULTS).read_text())
   assert result["benchmark"] == "bbh" and result["num_items"] == 5  # 3 held out + 2 from the file
@@ -342,7 +343,7 @@ def test_eval_cli_bbh_end_to_end_into_config_workdir(data_dir, model_dir, tmp_pa
 
 
 def test_measured_profile_from_acc_on_the_prompts(data_dir, model_dir):
-  config = _config(data_dir=str(data_dir), max_len=128, buckets=(64,), batch_size=4)
+  config = _config(data_dir=str(data_dir), max_len=128, buckets=(128,), batch_size=4)
   bench = fs.load_benchmark(config)
   pre, tok = fewshot.load_t5(str(model_dir))
   h = fewshot.build(config, bench, pre, tok)
@@ -350,3 +351,5 @@ def test_measured_profile_from_acc_on_the_prompts(data_dir, model_dir):
   assert len(ep) == 2 and all(0 < e <= 1 for e in ep) and prof is not None and prof.ep == ep
   assert fewshot.resolve_profile(h, "flat", 1, 1) == ((1.0, 1.0), None)
   assert fewshot.resolve_profile(h, "0.9,0.8", 1, 1)[0] == (0.9, 0.8)
+  with pytest.raises(ValueError, match="flat, acc or 2 comma-separated"):
+    fewshot.resolve_profile(h, "measured", 1, 1)
