@@ -20,6 +20,7 @@ from latadj_jax import elimination
 
 MODEL_TYPES = ("bert",)
 BASE_PREFIX = "bert"  # the body's scope in BertForSequenceClassification
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +41,21 @@ class BertConfig:
   pad_token_id: int = 0
   num_labels: int = 2
   classifier_dropout: float | None = None
-  dtype: str = "float32"          # activations; parameters stay float32
+  dtype: str = "float32"          # activations: "float32" or "bfloat16"
+  param_dtype: str = "float32"    # parameters as stored: "float32" or "bfloat16"
   selection: str = "gather"       # "gather" or "onehot" token selection
+
+  def __post_init__(self):
+    for field in ("dtype", "param_dtype"):
+      value = getattr(self, field)
+      try:
+        ok = jnp.dtype(value).name in DTYPES
+      except TypeError:
+        ok = False
+      if not ok:
+        raise ValueError(f"BertConfig.{field} must be one of {DTYPES}, got {value!r}")
+    if self.selection not in ("gather", "onehot"):
+      raise ValueError(f"BertConfig.selection must be 'gather' or 'onehot', got {self.selection!r}")
 
   @classmethod
   def from_hf(cls, hf_config: Any, **overrides: Any) -> "BertConfig":
@@ -78,12 +92,13 @@ def activation(name: str):
 
 
 def _dense(cfg: BertConfig, features: int, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=cfg.dtype, name=name,
+  return nn.Dense(features, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
                   kernel_init=nn.initializers.normal(cfg.initializer_range))
 
 
 def _layer_norm(cfg: BertConfig, name: str = "LayerNorm") -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, name=name)
+  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      name=name)
 
 
 def attention_bias(valid_BxN: jax.Array, dtype=jnp.float32) -> jax.Array:
@@ -99,8 +114,8 @@ class BertEmbeddings(nn.Module):
   def __call__(self, ids_BxN, type_ids_BxN, pos_BxN, deterministic: bool):
     cfg = self.config
     init = nn.initializers.normal(cfg.initializer_range)
-    embed = lambda n, name: nn.Embed(n, cfg.hidden_size, embedding_init=init,
-                                     dtype=cfg.dtype, name=name)
+    embed = lambda n, name: nn.Embed(n, cfg.hidden_size, embedding_init=init, dtype=cfg.dtype,
+                                     param_dtype=cfg.param_dtype, name=name)
     x_BxNxD = (embed(cfg.vocab_size, "word_embeddings")(ids_BxN)
                + embed(cfg.max_position_embeddings, "position_embeddings")(pos_BxN)
                + embed(cfg.type_vocab_size, "token_type_embeddings")(type_ids_BxN))
