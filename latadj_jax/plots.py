@@ -1,4 +1,4 @@
-"""Figures in the style of the paper: Fig. 4 (ACC per layer) and Fig. 6 (offline tuning)."""
+"""Figures in the style of the paper: Fig. 3 (score vectors), Fig. 4 (ACC per layer), Fig. 6 (offline tuning)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from latadj_jax import schedule  # noqa: E402
 
@@ -54,6 +55,52 @@ def plot_sweep(rows: Sequence[dict], metric: str, path: Path, title: str = "") -
   axes[2].legend(fontsize=8)
   if title:
     fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def plot_scores(tokens: Sequence[str], scores: dict[int, Sequence[float]], path: Path,
+                title: str = "") -> Path:
+  """Writes one input's score vector SV per token at a few layers (paper Fig. 3) to ``path``.
+
+  ``scores`` maps a 1-based layer number to that layer's SV over the input's
+  valid tokens. Each layer gets a bar panel with its mean and median marked
+  (ACC = median / mean); a last panel overlays the sorted scores, which shows
+  the late layers concentrating their attention on a few word-vectors.
+  """
+  layers = sorted(scores)
+  n = len(tokens)
+  fig = plt.figure(figsize=(max(9.0, 0.22 * n + 5.0), 2.6 * len(layers) + 0.6), dpi=110)
+  grid = fig.add_gridspec(len(layers), 2, width_ratios=(3, 1.2))
+  first = None
+  for row, layer in enumerate(layers):
+    sv = np.asarray(scores[layer], dtype=np.float64)
+    ax = fig.add_subplot(grid[row, 0], sharey=first)  # one y scale: layers compare by eye
+    first = first or ax
+    mean, median = sv.mean(), float(np.median(sv))
+    ax.bar(range(n), sv, color=f"C{row}", width=0.8)
+    ax.axhline(mean, color="k", lw=1, label=f"mean = {mean:.2f}")
+    ax.axhline(median, color="k", lw=1, ls="--", label=f"median = {median:.2f}")
+    ax.set_ylabel("score SV_j (unitless)")
+    ax.set_title(f"layer {layer}: ACC = median / mean = {median / mean:.2f}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_xticks(range(n))
+    ax.set_xticklabels(tokens, rotation=90, fontsize=7)
+  ax.set_xlabel("input token (word-vector j, in input order)")
+  ax = fig.add_subplot(grid[:, 1])
+  for row, layer in enumerate(layers):
+    sv = np.sort(np.asarray(scores[layer], dtype=np.float64))[::-1]
+    ax.plot(range(1, n + 1), sv / sv.mean(), "o-", ms=3, color=f"C{row}", label=f"layer {layer}")
+  ax.axhline(1.0, color="k", lw=1)
+  ax.set_xlabel("rank of word-vector (1 = highest score)")
+  ax.set_ylabel("score / mean score (unitless)")
+  ax.set_title("Sorted scores", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.suptitle(title or "Score vector of one input (paper Fig. 3)", fontsize=10)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
