@@ -235,5 +235,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   logger.close()
   if config.eval_coeffs and is_main:
     lm_eval.sweep_and_report(config, pre.module, state.params, eval_enc, ep, workdir,
-                             model_id=str(config.model or "scratch"))
+                             model_id=str(config.model or "scratch"),
+                             lambada=config.get("lambada", ""), tokenizer=tokenizer)
   return eval_metrics

@@ -276,7 +276,11 @@ def evaluate_workdir(workdir: str | Path, coeffs: Sequence[float], *, split: str
                      batch_size: int = 0, max_examples: int = 0, profile: str = "",
                      time_repeats: int = 10, lambada: str = "",
                      cache: evaluate.ExecutableCache | None = None) -> list[dict]:
-  """Returns the sweep rows of a trained LM workdir (``eval.py``'s LM path), printing and saving them."""
+  """Returns the sweep rows of a trained LM workdir (``eval.py``'s LM path), printing and saving them.
+
+  ``max_examples`` caps both the held-out blocks and the last-word passages;
+  ``lambada`` defaults to the run config's.
+  """
   r = restore(workdir)
   config = r.run.config
   with config.unlocked():

@@ -287,3 +287,18 @@ def test_eval_cli_on_an_lm_workdir(trained, lambada_file):
   bad = subprocess.run([sys.executable, "eval.py", "--workdir", str(workdir), "--speedup", "2"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert bad.returncode == 2 and "--coeff" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_generate_ttft_cli_on_an_lm_workdir(trained, tmp_path, capsys):
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import generate_ttft
+  out = tmp_path / "ttft.json"
+  generate_ttft.main(["--workdir", str(trained[0]), "--coeff", "0.8,1.0", "--profile", "flat",
+                      "--new_tokens", "4", "--repeats", "1", "--out", str(out)])
+  assert "| k | keep counts |" in capsys.readouterr().out
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["coeff"] for r in rows] == [0.8, 1.0]
+  assert rows[0]["keep_counts"] == [25, 20] and rows[1]["keep_counts"] == [32, 32]
+  # Layer l's cache holds the N_{l-1} prompt vectors it attended over, plus the new tokens.
+  assert rows[0]["cache_sizes"] == [32 + 4, 25 + 4] and rows[1]["cache_sizes"] == [36, 36]
+  assert all(r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
