@@ -131,7 +131,8 @@ def load_blocks(config, tokenizer, split: str, max_blocks: int = 0) -> text.LMEn
   """Returns one split as next-token blocks of ``config.block_size``."""
   stream = text.tokenize_stream(text.load_texts(config, split), tokenizer)
   blocks = text.make_blocks(stream, config.block_size, max_blocks)
-  print(f"{split}: {len(stream):,} tokens in {len(blocks)} blocks of {config.block_size}")
+  capped = f" (the first {max_blocks}, by the config)" if max_blocks > 0 else ""
+  print(f"{split}: {len(stream):,} tokens; {len(blocks)} blocks of {config.block_size}{capped}")
   return blocks
 
 
