@@ -1,5 +1,7 @@
 """BERT parity with HF PyTorch, and the Sort+Eliminate properties (issue 2)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,3 +167,30 @@ def test_bad_keep_counts_raise(tiny):
     module.apply({"params": params}, ids, mask, keep_counts=(8, 9, 4, 2))
   with pytest.raises(ValueError, match="4 layers"):
     module.apply({"params": params}, ids, mask, keep_counts=(8, 4))
+
+
+def test_head_major_products_equal_einsum():
+  from latadj_jax.models import attention
+  rng = np.random.default_rng(0)
+  q, k = rng.standard_normal((2, 5, 3, 4), np.float32), rng.standard_normal((2, 7, 3, 4), np.float32)
+  probs = rng.random((2, 3, 5, 7), np.float32)
+  np.testing.assert_allclose(attention.logits(q, k), np.einsum("bqhd,bshd->bhqs", q, k), atol=1e-5)
+  np.testing.assert_allclose(attention.context(probs, k), np.einsum("bhqs,bshd->bqhd", probs, k),
+                             atol=1e-5)
+
+
+def test_per_example_attention_equals_batched(tiny):
+  # The CPU inference path (lax.map over the batch) must give the batched path's scores,
+  # survivors and logits, with pads and elimination.
+  module, params = tiny
+  ids, mask, types = _batch(100, [40, 17, 3], 40, seed=4)
+  outs = {}
+  for per_example in (True, False):
+    cfg = dataclasses.replace(module.config, per_example_attention=per_example)
+    outs[per_example] = bert.BertForSequenceClassification(cfg).apply(
+        {"params": params}, ids, mask, types, keep_counts=(40, 30, 12, 5), output_scores=True)
+  a, b = outs[True], outs[False]
+  np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-5)
+  np.testing.assert_array_equal(a["positions"], b["positions"])
+  for sa, sb in zip(a["scores"], b["scores"]):
+    np.testing.assert_allclose(sa, sb, atol=1e-5)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from latadj_jax import elimination
+from latadj_jax.models import attention
 from latadj_jax.models.bert import activation, check_keep_counts
 
 MODEL_TYPES = ("gpt2",)
@@ -86,7 +87,7 @@ def causal_allowed(pos_q_BxQ: jax.Array, pos_k_BxK: jax.Array,
 def attention_probs(q_BxQxHxK: jax.Array, k_BxSxHxK: jax.Array, allowed_BxQxS: jax.Array,
                     scale: float) -> jax.Array:
   """Returns the float32 attention probabilities BxHxQxS (masked keys get exactly 0)."""
-  logits = jnp.einsum("bqhd,bshd->bhqs", q_BxQxHxK, k_BxSxHxK).astype(jnp.float32) * scale
+  logits = attention.logits(q_BxQxHxK, k_BxSxHxK).astype(jnp.float32) * scale
   # `where`, not an added bias: a fully masked row (a left pad) stays finite.
   logits = jnp.where(allowed_BxQxS[:, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -135,7 +136,7 @@ class GPT2Attention(nn.Module):
       scale /= self.layer_idx + 1
     probs = attention_probs(q_BxQxHxK, k_BxSxHxK, allowed_BxQxS, scale)
     dropped = self.attn_dropout(probs, deterministic=deterministic)
-    ctx = jnp.einsum("bhqs,bshd->bqhd", dropped.astype(cfg.dtype), v_BxSxHxK)
+    ctx = attention.context(dropped.astype(cfg.dtype), v_BxSxHxK)
     return ctx.reshape(ctx.shape[:2] + (-1,)), probs
 
   def project(self, ctx_BxKxD, deterministic: bool):

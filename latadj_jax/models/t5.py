@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from latadj_jax import elimination
+from latadj_jax.models import attention
 from latadj_jax.models.bert import activation, check_keep_counts
 
 MODEL_TYPES = ("t5",)
@@ -121,7 +122,7 @@ def position_bias(table_RxH: jax.Array, pos_q_BxQ: jax.Array, pos_k_BxK: jax.Arr
 def attention_probs(q_BxQxHxK: jax.Array, k_BxSxHxK: jax.Array, bias_BxHxQxS: jax.Array,
                     allowed_BxQxS: jax.Array) -> jax.Array:
   """Returns float32 probabilities BxHxQxS; T5 does not scale q.k (masked keys get exactly 0)."""
-  logits = jnp.einsum("bqhd,bshd->bhqs", q_BxQxHxK, k_BxSxHxK).astype(jnp.float32) + bias_BxHxQxS
+  logits = attention.logits(q_BxQxHxK, k_BxSxHxK).astype(jnp.float32) + bias_BxHxQxS
   logits = jnp.where(allowed_BxQxS[:, None], logits, jnp.finfo(jnp.float32).min)
   return jnp.where(allowed_BxQxS[:, None], jax.nn.softmax(logits, axis=-1), 0.0)
 
@@ -173,7 +174,7 @@ class T5Attention(nn.Module):
   def attend(self, q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, bias_BxHxQxS, allowed_BxQxS):
     """Returns (ctx_BxQxF with heads concatenated, float32 probs_BxHxQxS)."""
     probs = attention_probs(q_BxQxHxK, k_BxSxHxK, bias_BxHxQxS, allowed_BxQxS)
-    ctx = jnp.einsum("bhqs,bshd->bqhd", probs.astype(self.config.dtype), v_BxSxHxK)
+    ctx = attention.context(probs.astype(self.config.dtype), v_BxSxHxK)
     return ctx.reshape(ctx.shape[:2] + (-1,)), probs
 
 

@@ -1,0 +1,232 @@
+"""Our Flax BERT-base against HF PyTorch ``BertModel`` at equal work, then with elimination.
+
+Both models hold the same random BERT-base weights (HF's init, seed 0, copied
+into ours) and run in one process on the same inputs (every token valid):
+warm, runs interleaved round-robin, median of the rounds (see
+``latadj_jax.timing.interleaved_medians``). PyTorch runs eager under
+``torch.inference_mode()`` with its default attention (SDPA) and thread count;
+both produce the last hidden state and the pooler output.
+
+Table 1 is equal work: our model at ``k = 1`` with the flat profile (no
+elimination). Table 2 is our model with elimination at each ``k`` against
+PyTorch's full model. Its profile is the one ``train.py --config=quickstart``
+fits on the 6-layer MiniLM, EP = [0.739, 0.792, 0.832, 0.911, 1, 1], spread
+over 12 layers so that the share of word-vectors left at each relative depth
+is unchanged: each value becomes two layers of ``sqrt(EP)``.
+
+The machine load average is recorded for each shape: the 2-core CPU this was
+written on is shared, and contention slows both frameworks, not always alike.
+
+    python benchmarks/compare_pytorch.py                 # all 9 shapes (about 25 min on 2 cores)
+    python benchmarks/compare_pytorch.py --quick         # 4 small shapes, few rounds (~3 min)
+    python benchmarks/compare_pytorch.py --shapes 8x128,32x128 --ks 0.9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from latadj_jax import checkpoints, schedule, timing
+from latadj_jax.models import bert
+
+QUICKSTART_EP = (0.739, 0.792, 0.832, 0.911, 1.0, 1.0)  # README quickstart, 6-layer MiniLM
+
+
+def spread_profile(ep: tuple[float, ...], num_layers: int) -> tuple[float, ...]:
+  """Returns ``ep`` spread over ``num_layers`` layers with the same keep share at each relative depth.
+
+  Each of the ``len(ep)`` values covers ``r = num_layers / len(ep)`` layers as
+  ``EP ** (1 / r)``, so the product over those layers is the original value.
+  """
+  r = num_layers / len(ep)
+  if r != int(r):
+    raise ValueError(f"cannot spread a {len(ep)}-layer profile over {num_layers} layers")
+  return tuple(float(e ** (1 / r)) for e in ep for _ in range(int(r)))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batches", default="1,8,32")
+  p.add_argument("--lengths", default="64,128,512")
+  p.add_argument("--shapes", default="", help="BxN list such as 8x128,32x128 (overrides the grid)")
+  p.add_argument("--ks", default="0.95,0.9,0.85,0.8", help="k values for the elimination table")
+  p.add_argument("--layers", type=int, default=12)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="our activations and parameters (PyTorch stays float32)")
+  p.add_argument("--min_rounds", type=int, default=3, help="timed rounds per shape, at least")
+  p.add_argument("--seconds", type=float, default=60.0,
+                 help="keep adding rounds until a shape has been timed this long")
+  p.add_argument("--quick", action="store_true",
+                 help="batches 1,8 and lengths 64,128, 2 ks, 3 rounds, 10 s per shape")
+  p.add_argument("--out", default=str(Path(__file__).parent / "results" / "compare_pytorch.json"))
+  args = p.parse_args(argv)
+  if args.quick:
+    args.batches, args.lengths, args.ks, args.seconds = "1,8", "64,128", "0.9,0.8", 10.0
+  return args
+
+
+def shape_list(args: argparse.Namespace) -> list[tuple[int, int]]:
+  """Returns the (batch, length) pairs to run, smallest work first."""
+  if args.shapes:
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+  else:
+    shapes = [(b, n) for b in map(int, args.batches.split(",")) for n in map(int, args.lengths.split(","))]
+  return sorted(shapes, key=lambda bn: (bn[0] * bn[1], bn[1]))
+
+
+def torch_and_flax(layers: int, dtype: str):
+  """Returns ``(hf_model, module, params)``: HF BERT-base with random weights and ours holding them."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  hf = transformers.BertModel(transformers.BertConfig(num_hidden_layers=layers)).eval()
+  cfg = bert.BertConfig(num_hidden_layers=layers, dtype=dtype, param_dtype=dtype)
+  module = bert.BertModule(cfg)
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32))["params"]
+  tensors = {k: v.numpy() for k, v in hf.state_dict().items()}
+  params, report = checkpoints.load_weights(shapes, tensors, "torch", bert.torch_name_map,
+                                            bert.BASE_PREFIX)
+  if report.missing:
+    raise RuntimeError(f"weights not copied: {report.missing}")
+  return hf, module, jax.tree.map(jnp.asarray, params)
+
+
+def inputs(batch: int, length: int, vocab: int, seed: int = 0):
+  """Returns (ids, mask, token types) as int32 NumPy arrays: random tokens, every one valid."""
+  ids = np.random.default_rng(seed).integers(5, vocab, (batch, length)).astype(np.int32)
+  return ids, np.ones_like(ids), np.zeros_like(ids)
+
+
+def compile_forward(module, params, arrays, counts):
+  """Returns our compiled forward (last hidden state and pooler output) for one schedule."""
+  def forward(p, ids, mask, types):
+    out = module.apply({"params": p}, ids, mask, types, keep_counts=counts)
+    return out["last_hidden_state"], out["pooler_output"]
+  return jax.jit(forward).lower(params, *arrays).compile()
+
+
+def run_shape(args, hf, module, params, batch: int, length: int, ks, profile) -> dict:
+  """Returns one result row: PyTorch and our latencies at every k for one (batch, length)."""
+  import torch
+  arrays = inputs(batch, length, module.config.vocab_size)
+  t_arrays = [torch.tensor(a, dtype=torch.long) for a in arrays]
+  L = module.config.num_hidden_layers
+
+  def torch_forward():
+    with torch.inference_mode():
+      return hf(input_ids=t_arrays[0], attention_mask=t_arrays[1],
+                token_type_ids=t_arrays[2]).last_hidden_state
+
+  schedules = {"k=1 flat": (length,) * L}
+  schedules.update({f"k={k}": schedule.keep_counts(length, k, profile) for k in ks})
+  fns, compiled, compile_s = {"pytorch": torch_forward}, {}, {}
+  for name, counts in schedules.items():
+    t0 = time.perf_counter()
+    compiled[name] = compile_forward(module, params, arrays, counts)
+    compile_s[name] = time.perf_counter() - t0
+    fns[name] = lambda c=compiled[name]: c(params, *arrays)
+  ours = np.asarray(compiled["k=1 flat"](params, *arrays)[0], np.float32)
+  parity = float(np.abs(ours - torch_forward().numpy()).max())
+
+  load_before = os.getloadavg()[0]
+  t0 = time.perf_counter()
+  med = timing.interleaved_medians(fns, repeats=args.min_rounds, warmup=1,
+                                   min_seconds=args.seconds)
+  wall = time.perf_counter() - t0
+  flops = {name: timing.compiled_flops(c) for name, c in compiled.items()}
+  base = "k=1 flat"
+  elim = []
+  for k in ks:
+    name = f"k={k}"
+    elim.append({"k": k, "keep_counts": list(schedules[name]), "ms": 1e3 * med[name],
+                 "vs_pytorch": med[name] / med["pytorch"],
+                 "speedup_vs_pytorch": med["pytorch"] / med[name],
+                 "speedup_vs_ours_k1": med[base] / med[name],
+                 "expected_speedup": schedule.expected_speedup(length, schedules[name]),
+                 "flops_speedup": flops[base] / flops[name], "compile_s": compile_s[name]})
+  row = {"batch": batch, "length": length, "pytorch_ms": 1e3 * med["pytorch"],
+         "ours_ms": 1e3 * med[base], "ratio": med[base] / med["pytorch"],
+         "max_abs_diff_vs_pytorch": parity, "xla_flops": flops[base],
+         "timed_seconds": wall, "load_avg_1min": [load_before, os.getloadavg()[0]],
+         "elimination": elim}
+  print(f"{batch}x{length}: pytorch {row['pytorch_ms']:.0f} ms, ours {row['ours_ms']:.0f} ms "
+        f"({row['ratio']:.2f}x), " + ", ".join(f"k={e['k']} {e['ms']:.0f} ms" for e in elim)
+        + f"; load {load_before:.1f}", file=sys.stderr, flush=True)
+  return row
+
+
+def run(args: argparse.Namespace) -> dict:
+  """Returns the results dict: settings, device and one row per shape."""
+  import torch
+  import transformers
+  ks = [float(k) for k in args.ks.split(",")] if args.ks else []
+  hf, module, params = torch_and_flax(args.layers, args.dtype)
+  profile = spread_profile(QUICKSTART_EP, args.layers) if args.layers % 6 == 0 else \
+      schedule.flat_profile(args.layers)
+  rows = [run_shape(args, hf, module, params, b, n, ks, profile) for b, n in shape_list(args)]
+  return {
+      "benchmark": "compare_pytorch",
+      "command": "python " + " ".join(sys.argv),
+      "device": timing.device_name(),
+      "versions": {"jax": jax.__version__, "torch": torch.__version__,
+                   "transformers": transformers.__version__},
+      "settings": {"model": "BERT-base shape (BertModel with pooler), random weights (HF init, "
+                            "seed 0) shared by both", "layers": args.layers,
+                   "dtype_ours": args.dtype, "dtype_pytorch": "float32",
+                   "pytorch": f"eager, inference_mode, attn {hf.config._attn_implementation}, "
+                              f"{torch.get_num_threads()} threads",
+                   "inputs": "random token ids, every position valid",
+                   "profile": [round(e, 4) for e in profile],
+                   "profile_source": "quickstart EP [0.739, 0.792, 0.832, 0.911, 1, 1] "
+                                     "spread to 12 layers as two layers of sqrt(EP) each",
+                   "timing": f"median of interleaved rounds: at least {args.min_rounds} rounds "
+                             f"and {args.seconds:.0f} s per shape, after one warm-up round"},
+      "rows": rows,
+  }
+
+
+def markdown(result: dict) -> str:
+  """Returns both results tables in Markdown."""
+  rows = result["rows"]
+  lines = [f"BERT-base (random weights), ours at k = 1 (flat profile: no elimination) against "
+           f"HF PyTorch BertModel, {result['device']}, {result['settings']['dtype_ours']}. "
+           f"Ratio below 1: we are faster.", "",
+           "| batch | length | PyTorch ms | ours ms | ours / PyTorch | load avg |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['batch']} | {r['length']} | {r['pytorch_ms']:.0f} | {r['ours_ms']:.0f} | "
+                 f"{r['ratio']:.2f}x | {r['load_avg_1min'][0]:.1f} |")
+  ks = [e["k"] for e in rows[0]["elimination"]] if rows else []
+  if ks:
+    lines += ["", "Ours with elimination (profile: quickstart EP spread to 12 layers) against "
+              "PyTorch's full model: speedup over PyTorch (our k = 1 speedup in brackets).", "",
+              "| batch | length | " + " | ".join(f"k = {k}" for k in ks) + " |",
+              "|---|---|" + "---|" * len(ks)]
+    for r in rows:
+      cells = [f"{e['speedup_vs_pytorch']:.2f}x ({e['speedup_vs_ours_k1']:.2f}x)"
+               for e in r["elimination"]]
+      lines.append(f"| {r['batch']} | {r['length']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  result = run(args)
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=2) + "\n")
+  print(markdown(result))
+  print(f"\nwrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()
