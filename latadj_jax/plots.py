@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
@@ -27,7 +29,7 @@ def plot_profile(prof: schedule.Profile, path: Path, title: str = "") -> Path:
   ax.set_ylim(0, 1.05)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  ax.set_title(title or "Attention context contribution per layer", fontsize=10)
+  ax.set_title(textwrap.fill(title or "Attention context contribution per layer", 60), fontsize=10)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
