@@ -19,7 +19,6 @@ on [B, 12, N, N].
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from latadj_jax import timing
+from latadj_jax import timing, workdir as wd
 from latadj_jax.models import attention
 
 H, K = 12, 64
@@ -79,9 +78,8 @@ def main() -> None:
     rows.append(row)
     print(f"{b}x{n}: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in med.items()), file=sys.stderr)
   out = Path(__file__).parent / "results" / "attention_layout.json"
-  out.write_text(json.dumps({"benchmark": "attention_layout", "command": "python " + " ".join(sys.argv),
-                             "device": timing.device_name(), "heads": H, "head_dim": K,
-                             "rows": rows}, indent=2) + "\n")
+  wd.write_json(out, {"benchmark": "attention_layout", "command": "python " + " ".join(sys.argv),
+                      "device": timing.device_name(), "heads": H, "head_dim": K, "rows": rows})
   print("| batch | length | einsum ms | head-major ms | PyTorch manual ms | PyTorch SDPA ms |\n"
         "|---|---|---|---|---|---|")
   for r in rows:

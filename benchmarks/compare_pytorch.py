@@ -25,7 +25,6 @@ written on is shared, and contention slows both frameworks, not always alike.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latadj_jax import checkpoints, schedule, timing
+from latadj_jax import checkpoints, schedule, timing, workdir as wd
 from latadj_jax.models import bert
 
 QUICKSTART_EP = (0.739, 0.792, 0.832, 0.911, 1.0, 1.0)  # README quickstart, 6-layer MiniLM
@@ -114,28 +113,33 @@ def compile_forward(module, params, arrays, counts):
   return jax.jit(forward).lower(params, *arrays).compile()
 
 
+def torch_forward(hf, arrays):
+  """Returns a zero-argument function: HF PyTorch's last hidden state for the NumPy ``arrays``."""
+  import torch
+  ids, mask, types = (torch.tensor(a, dtype=torch.long) for a in arrays)
+
+  def forward():
+    with torch.inference_mode():
+      return hf(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+  return forward
+
+
 def run_shape(args, hf, module, params, batch: int, length: int, ks, profile) -> dict:
   """Returns one result row: PyTorch and our latencies at every k for one (batch, length)."""
-  import torch
   arrays = inputs(batch, length, module.config.vocab_size)
-  t_arrays = [torch.tensor(a, dtype=torch.long) for a in arrays]
   L = module.config.num_hidden_layers
-
-  def torch_forward():
-    with torch.inference_mode():
-      return hf(input_ids=t_arrays[0], attention_mask=t_arrays[1],
-                token_type_ids=t_arrays[2]).last_hidden_state
+  pytorch = torch_forward(hf, arrays)
 
   schedules = {"k=1 flat": (length,) * L}
   schedules.update({f"k={k}": schedule.keep_counts(length, k, profile) for k in ks})
-  fns, compiled, compile_s = {"pytorch": torch_forward}, {}, {}
+  fns, compiled, compile_s = {"pytorch": pytorch}, {}, {}
   for name, counts in schedules.items():
     t0 = time.perf_counter()
     compiled[name] = compile_forward(module, params, arrays, counts)
     compile_s[name] = time.perf_counter() - t0
     fns[name] = lambda c=compiled[name]: c(params, *arrays)
   ours = np.asarray(compiled["k=1 flat"](params, *arrays)[0], np.float32)
-  parity = float(np.abs(ours - torch_forward().numpy()).max())
+  parity = float(np.abs(ours - pytorch().numpy()).max())
 
   load_before = os.getloadavg()[0]
   t0 = time.perf_counter()
@@ -222,8 +226,7 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   result = run(args)
   out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2) + "\n")
+  wd.write_json(out, result)
   print(markdown(result))
   print(f"\nwrote {out}", file=sys.stderr)
 

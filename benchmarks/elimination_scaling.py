@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -38,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latadj_jax import elimination, schedule, timing
+from latadj_jax import elimination, schedule, timing, workdir as wd
 from latadj_jax.models import bert
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -228,8 +227,7 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   result = run(args)
   out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2) + "\n")
+  wd.write_json(out, result)
   plot(result, out.with_suffix(".png"))
   print(markdown(result))
   print(f"\nwrote {out} and {out.with_suffix('.png')}", file=sys.stderr)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from latadj_jax import workdir as wd
+
 HERE = Path(__file__).parent
 CANDIDATES = {
     "baseline": "",
@@ -40,23 +42,16 @@ def child(shape: str, seconds: float) -> None:
   """Times ours against PyTorch at one shape in this process and prints one JSON line."""
   sys.path.insert(0, str(HERE))
   import jax
-  import torch
-  from compare_pytorch import compile_forward, inputs, torch_and_flax
+  from compare_pytorch import compile_forward, inputs, torch_and_flax, torch_forward
   from latadj_jax import timing
   batch, length = (int(v) for v in shape.split("x"))
   hf, module, params = torch_and_flax(12, "float32")
   arrays = inputs(batch, length, module.config.vocab_size)
-  t_arrays = [torch.tensor(a, dtype=torch.long) for a in arrays]
   exe = compile_forward(module, params, arrays, (length,) * 12)
-
-  def torch_forward():
-    with torch.inference_mode():
-      return hf(input_ids=t_arrays[0], attention_mask=t_arrays[1],
-                token_type_ids=t_arrays[2]).last_hidden_state
-
+  pytorch = torch_forward(hf, arrays)
   ours = np.asarray(exe(params, *arrays)[0])
-  diff = float(np.abs(ours - torch_forward().numpy()).max())
-  med = timing.interleaved_medians({"ours": lambda: exe(params, *arrays), "pytorch": torch_forward},
+  diff = float(np.abs(ours - pytorch().numpy()).max())
+  med = timing.interleaved_medians({"ours": lambda: exe(params, *arrays), "pytorch": pytorch},
                                    repeats=3, warmup=1, min_seconds=seconds)
   print(json.dumps({"ours_ms": 1e3 * med["ours"], "pytorch_ms": 1e3 * med["pytorch"],
                     "ratio": med["ours"] / med["pytorch"], "max_abs_diff": diff,
@@ -103,8 +98,7 @@ def main(argv=None) -> None:
     s["vs_baseline"] = s["median_ratio"] / base if base else None
   result = {"benchmark": "xla_flags", "command": "python " + " ".join(sys.argv),
             "shape": args.shape, "rounds": args.rounds, "summary": summary, "runs": runs}
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+  wd.write_json(Path(args.out), result)
   print("| candidate | XLA_FLAGS | ours / PyTorch | vs baseline | max abs diff |\n|---|---|---|---|---|")
   for name, s in summary.items():
     vb = f"{s['vs_baseline']:.3f}" if s["vs_baseline"] else ""

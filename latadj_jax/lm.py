@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from latadj_jax import models, profiling, report, schedule, train, workdir as wd
+from latadj_jax import models, profiling, schedule, train, workdir as wd
 from latadj_jax.data import pipeline, text
 
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "target_weights")
@@ -173,67 +171,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   ep = resolve_profile(config, workdir, pre, train_enc, is_main)
   block = config.block_size
   counts = schedule.keep_counts(block, config.coeff, ep)
-  batch_size = config.batch_size
-  if batch_size % jax.device_count():
-    raise ValueError(f"batch_size {batch_size} must be a multiple of the {jax.device_count()} "
-                     f"devices; set --config.batch_size")
-  steps_per_epoch = pipeline.num_batches(train_enc, batch_size, (block,))
-  total_steps = steps_per_epoch * config.num_epochs
-  if config.max_steps > 0:
-    total_steps = min(total_steps, config.max_steps)
-
-  mesh = train.make_mesh()
-  state = train.TrainState.create(apply_fn=pre.module.apply, params=pre.params,
-                                  tx=train.make_optimizer(config, total_steps))
-  manager = wd.checkpoint_manager(workdir, config.keep_checkpoints)
-  if manager.latest_step() is not None:
-    state = wd.restore_state(manager, state)
-    print(f"resumed from step {int(state.step)} in {workdir}")
-  state = train._replicate(state, mesh)
-  step_fn = compiled_step(mesh, pre.module, counts)
-  rng = jax.random.PRNGKey(config.seed)
-  logger = report.MetricLogger(workdir, enabled=is_main)
-  step = int(state.step)
-  last_good = manager.latest_step()
-  bar = report.progress(total_steps, step, "train", enabled=config.progress and is_main)
-  t_log, tokens = time.perf_counter(), 0
-  eval_metrics: dict[str, Any] = {}
-  pending = None
+  train.check_batch_size(config.batch_size)
   pad_id = tokenizer.pad_token_id or 0
-  try:
-    while step < total_steps:
-      epoch, start = divmod(step, steps_per_epoch)
-      for batch in text.lm_batches(train_enc, batch_size, shuffle=True, seed=config.seed,
-                                   epoch=epoch, start_batch=start, pad_id=pad_id):
-        state, out = step_fn(state, shard_batch(batch, mesh), rng)
-        pending, step = out, step + 1
-        tokens += int(batch["target_weights"].sum())
-        bar.update(1)
-        if step % config.log_every == 0 or step == total_steps:
-          loss = train._check_finite(pending["loss"], step, last_good, workdir)
-          rate = tokens / (time.perf_counter() - t_log)
-          bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
-          # The last step's share of target positions that survived to be scored.
-          scored = float(pending["scored"]) / max(float(batch["target_weights"].sum()), 1.0)
-          logger.write(step, {"loss": loss, "tokens_per_s": rate, "scored_fraction": scored})
-          t_log, tokens = time.perf_counter(), 0
-        if step % config.checkpoint_every == 0 or step == total_steps or step % steps_per_epoch == 0:
-          train._check_finite(pending["loss"], step, last_good, workdir)
-          wd.save_checkpoint(manager, step, state)
-          last_good = step
-        if step % steps_per_epoch == 0 and config.eval_every_epoch or step == total_steps:
-          eval_metrics = lm_eval.perplexity_at(config, pre.module, state.params, eval_enc,
-                                               counts)
-          logger.write(step, {f"eval_{k}": v for k, v in eval_metrics.items()})
-          bar.write(f"step {step} (epoch {step / steps_per_epoch:.2f}) eval at coeff "
-                    f"{config.coeff:g}: {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
-        if step >= total_steps:
-          break
-  finally:
-    # A pending async save must land even when the run is interrupted.
-    manager.wait_until_finished()
-  bar.close()
-  logger.close()
+
+  def make_step(mesh):
+    step_fn = compiled_step(mesh, pre.module, counts)
+    return lambda state, batch, rng: step_fn(state, shard_batch(batch, mesh), rng)
+
+  def scored_fraction(out, batch):
+    # The last step's share of target positions that survived to be scored.
+    return {"scored_fraction": float(out["scored"]) / max(float(batch["target_weights"].sum()), 1.0)}
+
+  loop = train.Loop(
+      batches=lambda epoch, start: text.lm_batches(
+          train_enc, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
+          start_batch=start, pad_id=pad_id),
+      make_step=make_step,
+      count=lambda batch: int(batch["target_weights"].sum()),
+      unit="tokens",
+      evaluate=lambda params: lm_eval.perplexity_at(config, pre.module, params, eval_enc, counts),
+      extra_log=scored_fraction)
+  steps_per_epoch = pipeline.num_batches(train_enc, config.batch_size, (block,))
+  state, eval_metrics = train.run_loop(config, workdir, pre.module.apply, pre.params,
+                                       steps_per_epoch, loop, is_main)
   if config.eval_coeffs and is_main:
     lm_eval.sweep_and_report(config, pre.module, state.params, eval_enc, ep, workdir,
                              model_id=str(config.model or "scratch"),

@@ -8,13 +8,14 @@ each bucket compiles once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from latadj_jax import evaluate, models, profiling, report, schedule, workdir as wd
+from latadj_jax import evaluate, profiling, report, schedule, workdir as wd
 from latadj_jax.data import pipeline
 
 
@@ -114,6 +115,85 @@ def _replicate(tree, mesh):
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
+@dataclasses.dataclass(frozen=True)
+class Loop:
+  """What differs between the classifier's and the LM's training loops; ``run_loop`` does the rest."""
+  batches: Callable[[int, int], Iterable[dict]]  # (epoch, start batch) -> host batches
+  make_step: Callable[[Any], Callable]           # mesh -> step(state, host batch, rng) -> (state, out)
+  count: Callable[[dict], int]                   # units a batch holds, for the rate
+  unit: str                                      # "examples" or "tokens": logged as <unit>_per_s
+  evaluate: Callable[[Any], dict]                # params -> eval metrics at config.coeff
+  extra_log: Callable[[dict, dict], dict] = lambda out, batch: {}  # (step output, batch) -> metrics
+
+
+def check_batch_size(batch_size: int) -> None:
+  """Raises ValueError unless ``batch_size`` splits evenly over every device."""
+  if batch_size % jax.device_count():
+    raise ValueError(f"batch_size {batch_size} must be a multiple of the {jax.device_count()} "
+                     f"devices; set --config.batch_size")
+
+
+def run_loop(config: ml_collections.ConfigDict, workdir: Path, apply_fn, params,
+             steps_per_epoch: int, loop: Loop, is_main: bool) -> tuple[TrainState, dict]:
+  """Trains data-parallel with logging, atomic checkpoints, resume and per-epoch eval.
+
+  Returns the final state and the last eval metrics. Rerunning with the same
+  workdir resumes from the latest checkpoint.
+  """
+  total_steps = steps_per_epoch * config.num_epochs
+  if config.max_steps > 0:
+    total_steps = min(total_steps, config.max_steps)
+  mesh = make_mesh()
+  state = TrainState.create(apply_fn=apply_fn, params=params,
+                            tx=make_optimizer(config, total_steps))
+  manager = wd.checkpoint_manager(workdir, config.keep_checkpoints)
+  if manager.latest_step() is not None:
+    state = wd.restore_state(manager, state)
+    print(f"resumed from step {int(state.step)} in {workdir}")
+  state = _replicate(state, mesh)
+  step_fn = loop.make_step(mesh)
+  rng = jax.random.PRNGKey(config.seed)
+  logger = report.MetricLogger(workdir, enabled=is_main)
+  step = int(state.step)
+  last_good = manager.latest_step()
+  bar = report.progress(total_steps, step, "train", enabled=config.progress and is_main)
+  t_log, done = time.perf_counter(), 0
+  eval_metrics: dict[str, Any] = {}
+  pending = None
+  try:
+    while step < total_steps:
+      epoch, start = divmod(step, steps_per_epoch)
+      for batch in loop.batches(epoch, start):
+        state, out = step_fn(state, batch, rng)
+        pending, step = out, step + 1
+        done += loop.count(batch)
+        bar.update(1)
+        if step % config.log_every == 0 or step == total_steps:
+          loss = _check_finite(pending["loss"], step, last_good, workdir)
+          rate = done / (time.perf_counter() - t_log)
+          bar.set_postfix(loss=f"{loss:.4f}", **{f"{loop.unit}_s": f"{rate:.1f}"})
+          logger.write(step, {"loss": loss, f"{loop.unit}_per_s": rate,
+                              **loop.extra_log(pending, batch)})
+          t_log, done = time.perf_counter(), 0
+        if step % config.checkpoint_every == 0 or step == total_steps or step % steps_per_epoch == 0:
+          _check_finite(pending["loss"], step, last_good, workdir)
+          wd.save_checkpoint(manager, step, state)
+          last_good = step
+        if step % steps_per_epoch == 0 and config.eval_every_epoch or step == total_steps:
+          eval_metrics = loop.evaluate(state.params)
+          logger.write(step, {f"eval_{k}": v for k, v in eval_metrics.items()})
+          bar.write(f"step {step} (epoch {step / steps_per_epoch:.2f}) eval at coeff "
+                    f"{config.coeff:g}: {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
+        if step >= total_steps:
+          break
+  finally:
+    # A pending async save must land even when the run is interrupted.
+    manager.wait_until_finished()
+  bar.close()
+  logger.close()
+  return state, eval_metrics
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Trains with elimination at ``config.coeff``, checkpointing to ``workdir``; returns final metrics.
 
@@ -134,64 +214,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   num_layers = pre.config.num_hidden_layers
   ep = profiling.resolve_profile(config, workdir, pre, train_enc, buckets, num_layers, is_main)
   schedules = evaluate.schedules_for(config.coeff, ep, buckets)
-  batch_size = config.batch_size
-  if batch_size % jax.device_count():
-    raise ValueError(f"batch_size {batch_size} must be a multiple of the {jax.device_count()} "
-                     f"devices; set --config.batch_size")
-  steps_per_epoch = pipeline.num_batches(train_enc, batch_size, buckets)
-  total_steps = steps_per_epoch * config.num_epochs
-  if config.max_steps > 0:
-    total_steps = min(total_steps, config.max_steps)
+  check_batch_size(config.batch_size)
 
-  mesh = make_mesh()
-  state = TrainState.create(apply_fn=pre.module.apply, params=pre.params,
-                            tx=make_optimizer(config, total_steps))
-  manager = wd.checkpoint_manager(workdir, config.keep_checkpoints)
-  if manager.latest_step() is not None:
-    state = wd.restore_state(manager, state)
-    print(f"resumed from step {int(state.step)} in {workdir}")
-  state = _replicate(state, mesh)
-  steps = {b: compiled_step(mesh, pre.module, schedules[b], task.is_regression) for b in buckets}
-  rng = jax.random.PRNGKey(config.seed)
-  logger = report.MetricLogger(workdir, enabled=is_main)
-  step = int(state.step)
-  last_good = manager.latest_step()
-  bar = report.progress(total_steps, step, "train", enabled=config.progress and is_main)
-  t_log, examples = time.perf_counter(), 0
-  eval_metrics: dict[str, Any] = {}
-  pending = None
-  try:
-    while step < total_steps:
-      epoch, start = divmod(step, steps_per_epoch)
-      for batch in pipeline.batch_iterator(train_enc, batch_size, buckets, shuffle=True,
-                                           seed=config.seed, epoch=epoch, start_batch=start,
-                                           pad_id=tokenizer.pad_token_id or 0):
-        state, out = steps[batch["input_ids"].shape[1]](state, shard_batch(batch, mesh), rng)
-        pending, step = out, step + 1
-        examples += int(batch["weights"].sum())
-        bar.update(1)
-        if step % config.log_every == 0 or step == total_steps:
-          loss = _check_finite(pending["loss"], step, last_good, workdir)
-          rate = examples / (time.perf_counter() - t_log)
-          bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
-          logger.write(step, {"loss": loss, "examples_per_s": rate})
-          t_log, examples = time.perf_counter(), 0
-        if step % config.checkpoint_every == 0 or step == total_steps or step % steps_per_epoch == 0:
-          _check_finite(pending["loss"], step, last_good, workdir)
-          wd.save_checkpoint(manager, step, state)
-          last_good = step
-        if step % steps_per_epoch == 0 and config.eval_every_epoch or step == total_steps:
-          eval_metrics = evaluate_at(config, pre, state.params, eval_enc, buckets, ep, task)
-          logger.write(step, {f"eval_{k}": v for k, v in eval_metrics.items()})
-          bar.write(f"step {step} (epoch {step / steps_per_epoch:.2f}) eval at coeff "
-                    f"{config.coeff:g}: {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
-        if step >= total_steps:
-          break
-  finally:
-    # A pending async save must land even when the run is interrupted.
-    manager.wait_until_finished()
-  bar.close()
-  logger.close()
+  def make_step(mesh):
+    steps = {b: compiled_step(mesh, pre.module, schedules[b], task.is_regression) for b in buckets}
+    return lambda state, batch, rng: steps[batch["input_ids"].shape[1]](
+        state, shard_batch(batch, mesh), rng)
+
+  loop = Loop(
+      batches=lambda epoch, start: pipeline.batch_iterator(
+          train_enc, config.batch_size, buckets, shuffle=True, seed=config.seed, epoch=epoch,
+          start_batch=start, pad_id=tokenizer.pad_token_id or 0),
+      make_step=make_step,
+      count=lambda batch: int(batch["weights"].sum()),
+      unit="examples",
+      evaluate=lambda params: evaluate_at(config, pre, params, eval_enc, buckets, ep, task))
+  steps_per_epoch = pipeline.num_batches(train_enc, config.batch_size, buckets)
+  state, eval_metrics = run_loop(config, workdir, pre.module.apply, pre.params, steps_per_epoch,
+                                 loop, is_main)
   if config.eval_coeffs and is_main:
     report.sweep_and_report(config, pre, state.params, eval_enc, buckets, ep, task, workdir)
   return eval_metrics

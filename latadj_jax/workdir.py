@@ -31,6 +31,7 @@ class WorkdirError(ValueError):
 
 def write_json(path: Path, obj: Any) -> None:
   """Writes ``obj`` as JSON atomically (a temp file, then a rename), so a kill never leaves half a file."""
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(f"{path}.tmp")
   tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
   os.replace(tmp, path)
