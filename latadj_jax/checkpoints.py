@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -25,6 +26,15 @@ TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vo
                    "vocab.json", "merges.txt", "spiece.model", "special_tokens_map.json",
                    "generation_config.json")
 HUB_HOST = "huggingface.co"
+# The config.json fields that fix a family's parameter shapes. HF's config
+# classes default every one of them, so a config.json that lacks one would
+# build a model of the wrong size and fail later with a confusing shape error.
+REQUIRED_CONFIG_FIELDS = {
+    "bert": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "intermediate_size", "max_position_embeddings"),
+    "gpt2": ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"),
+    "t5": ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"),
+}
 
 # (flax path, transpose?) for a torch name, or None to skip the tensor.
 NameMap = Callable[[str], "tuple[tuple[str, ...], bool] | None"]
@@ -34,12 +44,18 @@ class CheckpointError(ValueError):
   """A checkpoint can't be found, read or matched to the model."""
 
 
+def hub_endpoint() -> tuple[str, int]:
+  """Returns the (host, port) of the HF hub, honouring ``HF_ENDPOINT`` as huggingface_hub does."""
+  url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}"))
+  return url.hostname or HUB_HOST, url.port or (80 if url.scheme == "http" else 443)
+
+
 def hub_reachable(timeout: float = 5.0) -> bool:
   """Returns whether the HF hub answers a TCP connect within ``timeout`` seconds."""
   if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
     return False
   try:
-    with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+    with socket.create_connection(hub_endpoint(), timeout=timeout):
       return True
   except OSError:
     return False
@@ -72,7 +88,7 @@ def resolve_model_dir(name_or_path: str, timeout: float = 5.0) -> Path:
     pass
   if not hub_reachable(timeout):
     raise CheckpointError(
-        f"can't reach the Hugging Face hub ({HUB_HOST}) to download {name_or_path!r}, "
+        f"can't reach the Hugging Face hub ({hub_endpoint()[0]}) to download {name_or_path!r}, "
         f"and it is not in the local HF cache. Point at local weights with "
         f"--config.model=DIR (a directory with config.json, the tokenizer files and "
         f"model.safetensors, flax_model.msgpack or pytorch_model.bin).")
@@ -83,20 +99,64 @@ def resolve_model_dir(name_or_path: str, timeout: float = 5.0) -> Path:
                           f"Use --config.model=DIR for local weights.") from None
 
 
+def _first_line(e: BaseException, limit: int = 160) -> str:
+  text = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+  try:
+    out = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path} is not valid JSON ({_first_line(e)}); restore the {what} "
+                          f"from the original model, or download the model again") from None
+  if not isinstance(out, dict):
+    raise CheckpointError(f"{path} holds a JSON {type(out).__name__}, not an object; restore "
+                          f"the {what} from the original model, or download the model again")
+  return out
+
+
+def check_config(hf_config: dict[str, Any], path: Path | str = "config.json") -> dict[str, Any]:
+  """Returns ``hf_config`` unchanged, or raises CheckpointError if it lacks fields its family needs."""
+  if "model_type" not in hf_config:
+    raise CheckpointError(
+        f"{path} has no model_type, so the model family is unknown; add e.g. "
+        f"\"model_type\": \"bert\" (one of {', '.join(sorted(REQUIRED_CONFIG_FIELDS))}), or "
+        f"restore config.json from the original model")
+  model_type = hf_config["model_type"]
+  missing = [f for f in REQUIRED_CONFIG_FIELDS.get(model_type, ()) if hf_config.get(f) is None]
+  if missing:
+    raise CheckpointError(
+        f"{path} lacks {', '.join(missing)}, which a {model_type} model needs to build its "
+        f"parameters; restore config.json from the original model (its hub repo), or add the "
+        f"fields")
+  return hf_config
+
+
 def read_config(model_dir: Path) -> dict[str, Any]:
-  """Returns the HF ``config.json`` of a model directory as a dict."""
+  """Returns the HF ``config.json`` of a model directory as a dict, checked for its family's fields."""
   path = Path(model_dir) / "config.json"
   if not path.is_file():
     raise CheckpointError(f"no config.json in {str(model_dir)!r}; is it an HF model directory?")
-  return json.loads(path.read_text())
+  return check_config(_read_json(path, "config.json"), path)
+
+
+def _corrupt(path: Path, kind: str, e: BaseException) -> CheckpointError:
+  return CheckpointError(
+      f"{path} is truncated or not a valid {kind} file ({_first_line(e)}); download it again "
+      f"(an interrupted download leaves such a file), or remove it to use another weight file "
+      f"in that directory")
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
   from safetensors import safe_open
   out = {}
-  with safe_open(str(path), framework="flax") as f:  # flax handles bf16, numpy does not
-    for name in f.keys():
-      out[name] = np.asarray(f.get_tensor(name))
+  try:
+    with safe_open(str(path), framework="flax") as f:  # flax handles bf16, numpy does not
+      for name in f.keys():
+        out[name] = np.asarray(f.get_tensor(name))
+  except Exception as e:  # noqa: BLE001 -- SafetensorError and I/O errors alike mean a bad file
+    raise _corrupt(path, "safetensors", e) from None
   return out
 
 
@@ -107,21 +167,38 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     raise CheckpointError(
         f"{path.name} is a PyTorch pickle and needs torch to read "
         f"(pip install torch), or convert it to model.safetensors") from None
-  state = torch.load(str(path), map_location="cpu", weights_only=True)
+  try:
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001 -- truncated zip, garbage pickle, EOF: all a bad file
+    raise _corrupt(path, "PyTorch checkpoint", e) from None
+  if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    raise _corrupt(path, "PyTorch checkpoint",
+                   TypeError(f"it holds a {type(state).__name__}, not a dict of tensors"))
   return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
           for k, v in state.items()}
 
 
 def _read_msgpack(path: Path) -> dict[str, np.ndarray]:
   from flax import serialization
-  tree = serialization.msgpack_restore(path.read_bytes())
+  try:
+    tree = serialization.msgpack_restore(path.read_bytes())
+  except Exception as e:  # noqa: BLE001 -- msgpack raises ValueError, ExtraData, ...
+    raise _corrupt(path, "Flax msgpack", e) from None
+  if not isinstance(tree, dict):
+    raise _corrupt(path, "Flax msgpack",
+                   TypeError(f"it holds a {type(tree).__name__}, not a dict of arrays"))
   return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 def _read_sharded(index: Path, reader) -> dict[str, np.ndarray]:
-  files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+  weight_map = _read_json(index, "shard index").get("weight_map")
+  if not isinstance(weight_map, dict):
+    raise CheckpointError(f"{index} has no weight_map; download the model again")
   out: dict[str, np.ndarray] = {}
-  for name in files:
+  for name in sorted(set(weight_map.values())):
+    if not (index.parent / name).is_file():
+      raise CheckpointError(f"{index} lists the shard {name}, which is missing from "
+                            f"{index.parent}; download the model again")
     out.update(reader(index.parent / name))
   return out
 

@@ -282,7 +282,9 @@ def test_missing_local_files_and_wrong_model_say_what_to_pass(tmp_path):
   (tmp_path / "bbh").mkdir()
   with pytest.raises(sources.DataUnavailableError, match="no BBH task YAML"):
     fs.load_benchmark(_config("flan_t5_bbh", data_dir=str(tmp_path)))
-  (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+  (tmp_path / "config.json").write_text(json.dumps({  # a complete BERT config: only the family is wrong
+      "model_type": "bert", "vocab_size": 30, "hidden_size": 8, "num_hidden_layers": 1,
+      "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 16}))
   with pytest.raises(ValueError, match="runs encoder-decoder T5 models.*--config.model"):
     fewshot.load_t5(str(tmp_path))
 
