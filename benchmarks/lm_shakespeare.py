@@ -28,6 +28,8 @@ import jax
 from latadj_jax import config_lib, timing, train
 from latadj_jax.data import text
 
+PLAYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "shakespeare"
+
 KS = (0.8, 0.85, 0.9, 0.95, 1.0)
 OUT = Path(__file__).parent / "results" / "lm_shakespeare.json"
 
@@ -48,7 +50,9 @@ def last_word_passages(docs: list[str], max_chars: int = 400, limit: int = 300) 
 
 
 def main(argv: list[str]) -> int:
-  name, overrides, rest = config_lib.split_argv(["--config=lm_text", *argv])
+  # The four plays, not lm_text's shipped one-play sample; a later --config.data_dir wins.
+  name, overrides, rest = config_lib.split_argv(["--config=lm_text", f"--config.data_dir={PLAYS}",
+                                                 *argv])
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", default="workdirs/lm_text")
   p.add_argument("--out", default=str(OUT))

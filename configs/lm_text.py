@@ -1,4 +1,4 @@
-"""A tiny GPT-2 trained from scratch on local text (default: four Shakespeare plays), on a CPU in minutes.
+"""A tiny GPT-2 trained from scratch on local text (default: Macbeth, shipped in the package), on a CPU in minutes.
 
     python train.py --config=lm_text --workdir=workdirs/lm_text
     python eval.py --workdir=workdirs/lm_text --coeff 0.8,0.85,0.9,0.95,1.0
@@ -6,9 +6,12 @@
 
 No GPT-2 weights or tokenizer can be downloaded here, so the model is a random
 4-layer, 128-wide GPT-2 and the tokenizer is byte-level (token = UTF-8 byte,
-plus EOS between files). Each file's last 10% of lines is held out. A random
-model has no meaningful ACC curve, so the profile is flat (``R_l = k``) and
-training runs with elimination at k = 0.9, the loss on the survivors only.
+plus EOS between files). Each file's last 10% of lines is held out. The default
+text is ``latadj_jax/data/sample_text/macbeth.txt`` (public domain, 103 KB), so
+the command runs from a clone with nothing else; the README's figures used four
+plays (``--config.data_dir=DIR``). A random model has no meaningful ACC curve,
+so the profile is flat (``R_l = k``) and training runs with elimination at
+k = 0.9, the loss on the survivors only.
 This shows the pipeline end to end, not quality: see
 ``benchmarks/results/lm_shakespeare.json`` for the held-out perplexity (per
 byte) it reaches at each k.
@@ -19,8 +22,9 @@ from pathlib import Path
 import ml_collections
 
 from configs import lm_wikitext103
+from latadj_jax import data
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "shakespeare"
+SAMPLE_TEXT = Path(data.__file__).resolve().parent / "sample_text"   # Macbeth, public domain
 
 
 def get_config():
@@ -29,7 +33,7 @@ def get_config():
   c.tokenizer = "byte"
   c.gpt2 = ml_collections.ConfigDict(dict(n_layer=4, n_embd=128, n_head=4, n_positions=256))
   c.data_source = "local"
-  c.data_dir = str(SHAKESPEARE)     # ../shared/data/text/shakespeare from the repo root
+  c.data_dir = str(SAMPLE_TEXT)     # shipped in the package; any directory of .txt files works
   c.hub_dataset = ""
   c.hub_config = ""
   c.block_size = 128
