@@ -8,6 +8,8 @@
     python eval.py --workdir=LM_DIR --coeff 0.8,0.9,1.0 [--lambada=FILE.jsonl]  # an LM: perplexity
     python eval.py --config=flan_t5_mmlu --config.model=DIR --coeff 0.9 [--out DIR]  # few-shot T5,
                                                                   # training-free: no workdir
+    python eval.py --config=smollm2_text --coeff 1.0,0.9,0.8   # a pretrained Llama (GGUF):
+                                                               # continuation NLL, no workdir
 
 Compiled executables are cached in memory and on disk (``DIR/xla_cache`` by
 default), keyed by the keep-count schedule, so a second run skips compiling.
@@ -98,7 +100,7 @@ def _evaluate_lm(args: argparse.Namespace, coeffs: list[float]) -> int:
 
 
 def _evaluate_config(name: str, overrides: list[str], argv: list[str]) -> int:
-  """Evaluates a training-free config (few-shot T5) at each k; results go to --out or config.workdir."""
+  """Evaluates a training-free config (few-shot T5, LM continuation) at each k; results go to --out or config.workdir."""
   p = argparse.ArgumentParser(description="Training-free evaluation from a config (no workdir).",
                               epilog="Override any config field with --config.FIELD=VALUE.")
   p.add_argument("--coeff", default=None, help="k, or a comma list (default: the config's coeffs)")
@@ -106,11 +108,16 @@ def _evaluate_config(name: str, overrides: list[str], argv: list[str]) -> int:
   p.add_argument("--repeats", type=int, default=0, help="timed runs per schedule (default: config's)")
   args = p.parse_args(argv)
   config = config_lib.override(config_lib.load(name), overrides)
+  from latadj_jax import offline
+  coeffs = offline.parse_coeffs(args.coeff) if args.coeff else None
+  if config.get("task") == "continuation":  # a pretrained causal LM: continuation NLL per k
+    from latadj_jax import continuation
+    continuation.evaluate_config(config, coeffs, out=args.out, time_repeats=args.repeats)
+    return 0
   if "benchmark" not in config:
     raise config_lib.ConfigError(f"config {name!r} needs training: python train.py --config={name}, "
                                  f"then python eval.py --workdir=DIR")
-  from latadj_jax import fewshot, offline
-  coeffs = offline.parse_coeffs(args.coeff) if args.coeff else None
+  from latadj_jax import fewshot
   fewshot.evaluate_config(config, coeffs, out=args.out, time_repeats=args.repeats)
   return 0
 

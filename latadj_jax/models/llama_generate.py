@@ -1,0 +1,99 @@
+"""KV-cache generation for Llama-family models, mirroring ``gpt2_generate``.
+
+The prompt is prefilled with elimination; layer ``l``'s cache then holds the
+keys (already rotated) and values of the ``N_{l-1}`` word-vectors it attended
+over, plus ``max_new_tokens`` empty slots. A new token gets the causal
+position ``p_last + 1 + t`` and the RoPE position id ``n_valid + t`` (HF's
+rule for left- and right-padded prompts alike), so the cached survivors keep
+the rotations of their original positions and the new tokens continue after
+them. Token selection and cache padding are ``gpt2_generate``'s.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from latadj_jax import elimination
+from latadj_jax.models.gpt2_generate import init_caches, select_token
+from latadj_jax.models.llama import LlamaForCausalLM
+
+
+def prefill_state(logits_BxV, out: dict, attention_mask, max_new_tokens: int) -> dict:
+  """Returns the decode state after a prefill: padded caches, next causal and RoPE positions."""
+  last_BxK = elimination.last_valid_mask(out["mask"])
+  return {"caches": init_caches(out["kv"], max_new_tokens),
+          "pos_B": jnp.sum(jnp.where(last_BxK, out["positions"], 0), axis=-1) + 1,
+          "pos_id_B": jnp.sum(attention_mask.astype(jnp.int32), axis=-1)}
+
+
+@functools.lru_cache(maxsize=64)
+def prefill_fn(module: LlamaForCausalLM, keep_counts: tuple[int, ...] | None,
+               max_new_tokens: int, temperature: float = 0.0, top_k: int = 0):
+  """Returns a jitted ``fn(params, input_ids, attention_mask, rng) -> (first_token_B, state)``.
+
+  This is the time-to-first-token path: the prompt forward with elimination,
+  the caches and the first new token.
+  """
+  @jax.jit
+  def fn(params, input_ids, attention_mask, rng):
+    logits_BxV, out = module.apply({"params": params}, input_ids, attention_mask, keep_counts,
+                                   method=LlamaForCausalLM.prefill)
+    state = prefill_state(logits_BxV, out, attention_mask, max_new_tokens)
+    return select_token(logits_BxV, rng, temperature, top_k), state
+  return fn
+
+
+@functools.lru_cache(maxsize=64)
+def decode_fn(module: LlamaForCausalLM, max_new_tokens: int, temperature: float = 0.0,
+              top_k: int = 0):
+  """Returns a jitted ``fn(params, first_token_B, state, rng) -> (tokens_BxT, caches)``."""
+  @jax.jit
+  def fn(params, first_token_B, state, rng):
+    T = max_new_tokens
+    offsets = [c["k"].shape[1] - T for c in state["caches"]]
+    tokens_BxT = jnp.zeros((first_token_B.shape[0], T), jnp.int32).at[:, 0].set(first_token_B)
+
+    def step(t, loop):
+      tokens_BxT, caches, rng = loop
+      logits_BxV, caches = module.apply(
+          {"params": params}, tokens_BxT[:, t], caches, [o + t for o in offsets],
+          state["pos_B"] + t, state["pos_id_B"] + t, method=LlamaForCausalLM.decode)
+      rng, sub = jax.random.split(rng)
+      return tokens_BxT.at[:, t + 1].set(select_token(logits_BxV, sub, temperature, top_k)), caches, rng
+
+    tokens_BxT, caches, _ = jax.lax.fori_loop(0, T - 1, step, (tokens_BxT, state["caches"], rng))
+    return tokens_BxT, caches
+  return fn
+
+
+def generate(module: LlamaForCausalLM, params: Any, input_ids, attention_mask=None, *,
+             max_new_tokens: int, keep_counts: Sequence[int] | None = None,
+             temperature: float = 0.0, top_k: int = 0, rng: jax.Array | None = None) -> dict:
+  """Returns ``{"tokens": [B, max_new_tokens], "caches": per-layer caches}``.
+
+  As ``gpt2_generate.generate``: the prompt prefilled with ``keep_counts``
+  (None: no elimination), greedy at temperature 0, no stop at EOS.
+  """
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  B, N = input_ids.shape
+  if attention_mask is None:
+    attention_mask = jnp.ones((B, N), jnp.int32)
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+  if N + max_new_tokens > module.config.max_position_embeddings:
+    raise ValueError(f"prompt length {N} + max_new_tokens {max_new_tokens} exceeds the "
+                     f"model's {module.config.max_position_embeddings} positions")
+  if temperature < 0 or top_k < 0:
+    raise ValueError(f"temperature and top_k must be >= 0, got {temperature}, {top_k}")
+  counts = None if keep_counts is None else tuple(keep_counts)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  rng, first_rng = jax.random.split(rng)
+  first_B, state = prefill_fn(module, counts, max_new_tokens, float(temperature), int(top_k))(
+      params, input_ids, jnp.asarray(attention_mask, jnp.int32), first_rng)
+  tokens, caches = decode_fn(module, max_new_tokens, float(temperature), int(top_k))(
+      params, first_B, state, rng)
+  return {"tokens": tokens, "caches": caches}
