@@ -30,6 +30,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.profile = "acc"
   c.profile_batches = 8
   c.profile_degree = 2
+  # Which word-vectors survive at the keep counts: "score" (the method), or the
+  # Table VII ablations "first" (no sort) and "random".
+  c.survivors = "score"
+  # Anytime training (latadj_jax/anytime.py): e.g. "0.8,0.9,1.0,1.1,1.2" trains one
+  # model for every k in the range; empty trains at ``coeff`` alone.
+  c.train_coeffs = ""
+  c.anytime_samples = 1            # middle coefficients drawn per step
+  c.distill_temperature = 1.0
+  c.distill_weight = 1.0           # each student's distillation loss
+  c.student_label_weight = 0.0     # each student's label loss
   # Optimisation.
   c.batch_size = 32
   c.eval_batch_size = 64

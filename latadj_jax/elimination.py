@@ -12,6 +12,10 @@ import jax
 import jax.numpy as jnp
 
 Selection = Literal["gather", "onehot"]
+# Which word-vectors survive at the given keep counts (paper Table VII ablation):
+# "score" ranks by the score vector (the method), "first" keeps the earliest
+# positions (no sort), "random" keeps a random subset.
+SURVIVOR_RULES = ("score", "first", "random")
 
 
 def score_vector(probs_BxHxNxN: jax.Array, valid_BxN: jax.Array,
@@ -52,6 +56,24 @@ def acc(sv_BxN: jax.Array, valid_BxN: jax.Array) -> jax.Array:
   n_B = jnp.maximum(jnp.sum(valid, axis=-1), 1)
   mean_B = jnp.sum(jnp.where(valid, sv_BxN, 0.0), axis=-1) / n_B
   return masked_median(sv_BxN, valid) / mean_B
+
+
+def survivor_ranking(rule: str, sv_BxN: jax.Array, positions_BxN: jax.Array,
+                     rng: jax.Array | None = None) -> jax.Array:
+  """Returns rank_BxN, positive on every position: ``select_indices`` keeps the highest.
+
+  ``score`` is the method; ``first`` and ``random`` are the paper's ablations
+  (Table VII) at the same keep counts. ``random`` draws from ``rng`` (a fixed key
+  when None, so evaluation is repeatable).
+  """
+  if rule == "score":
+    return sv_BxN
+  if rule == "first":
+    return 1.0 / (1.0 + positions_BxN.astype(jnp.float32))
+  if rule == "random":
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    return jax.random.uniform(rng, sv_BxN.shape, minval=1e-6, maxval=1.0)
+  raise ValueError(f"survivor rule must be one of {SURVIVOR_RULES}, got {rule!r}")
 
 
 def select_indices(sv_BxN: jax.Array, valid_BxN: jax.Array, protect_BxN: jax.Array,

@@ -38,7 +38,8 @@ def restore(workdir: str | Path) -> Restored:
   run = wd.load_run(workdir)
   task = profiling.task_of(run.config)
   module, cfg, dummy = models.build(run.hf_config, "classification", num_labels=task.num_labels,
-                                    dtype=run.config.dtype)
+                                    dtype=run.config.dtype,
+                                    survivors=run.config.get("survivors", "score"))
   abstract = jax.eval_shape(lambda: models.init_params(module, dummy))
   params, step = wd.restore_params(run.workdir, abstract)
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(run.workdir / wd.TOKENIZER))

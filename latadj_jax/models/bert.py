@@ -45,6 +45,7 @@ class BertConfig:
   dtype: str = "float32"          # activations: "float32" or "bfloat16"
   param_dtype: str = "float32"    # parameters as stored: "float32" or "bfloat16"
   selection: str = "gather"       # "gather" or "onehot" token selection
+  survivors: str = "score"        # "score" (the method), "first" or "random": the Table VII ablation
   # Inference attention one example at a time (lax.map over the batch): None = on CPU only.
   per_example_attention: bool | None = None
 
@@ -59,6 +60,9 @@ class BertConfig:
         raise ValueError(f"BertConfig.{field} must be one of {DTYPES}, got {value!r}")
     if self.selection not in ("gather", "onehot"):
       raise ValueError(f"BertConfig.selection must be 'gather' or 'onehot', got {self.selection!r}")
+    if self.survivors not in elimination.SURVIVOR_RULES:
+      raise ValueError(f"BertConfig.survivors must be one of {elimination.SURVIVOR_RULES}, "
+                       f"got {self.survivors!r}")
 
   @classmethod
   def from_hf(cls, hf_config: Any, **overrides: Any) -> "BertConfig":
@@ -218,8 +222,11 @@ class BertAttention(nn.Module):
         h_BxNxD, carry["valid"], deterministic, with_scores or n_keep < h_BxNxD.shape[1])
     if n_keep < h_BxNxD.shape[1]:
       names = sorted(carry)
+      rng = (self.make_rng("dropout") if cfg.survivors == "random" and not deterministic
+             else None)
+      rank_BxN = elimination.survivor_ranking(cfg.survivors, sv_BxN, carry["positions"], rng)
       idx_BxK, ctx_BxNxD, h_BxNxD, *kept = elimination.eliminate(
-          sv_BxN, carry["valid"], carry["protect"], n_keep, ctx_BxNxD, h_BxNxD,
+          rank_BxN, carry["valid"], carry["protect"], n_keep, ctx_BxNxD, h_BxNxD,
           *(carry[n] for n in names), method=cfg.selection)
       carry = dict(zip(names, kept))
     out_BxKxD = BertAddNorm(cfg, name="output")(ctx_BxNxD, h_BxNxD, deterministic)

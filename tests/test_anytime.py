@@ -1,0 +1,162 @@
+"""Anytime training (one run, every k) and the survivor-rule ablation (issue 15)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from latadj_jax import anytime, elimination, models, schedule, train
+from latadj_jax.models import bert
+
+from conftest import tiny_config
+
+SPEC = anytime.AnytimeSpec((0.6, 0.8, 0.9, 1.0), num_sampled=1, temperature=2.0)
+
+
+def tiny_bert(**overrides):
+  cfg = bert.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, initializer_range=0.5, **overrides)
+  module = bert.BertForSequenceClassification(cfg)
+  return module, models.init_params(module, lambda: (jnp.ones((1, 8), jnp.int32),))
+
+
+def tiny_batch(n=6, length=16, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(4, 60, (n, length)).astype(np.int32)
+  mask = (np.arange(length)[None] < rng.integers(6, length + 1, (n, 1))).astype(np.int32)
+  return dict(input_ids=jnp.asarray(ids * mask), attention_mask=jnp.asarray(mask),
+              token_type_ids=jnp.zeros((n, length), jnp.int32),
+              labels=jnp.asarray(rng.integers(0, 2, n).astype(np.int32)),
+              weights=jnp.ones(n, jnp.float32))
+
+
+def test_spec_parsing_and_draws():
+  assert anytime.parse_coeffs("1.2, 0.8,1.0") == (0.8, 1.0, 1.2)
+  assert anytime.parse_coeffs("") == ()
+  with pytest.raises(ValueError, match="at least two"):
+    anytime.parse_coeffs("0.9")
+  with pytest.raises(ValueError, match="positive"):
+    anytime.parse_coeffs("0.8,-1")
+  assert (SPEC.smallest, SPEC.teacher, SPEC.middle) == (0.6, 1.0, (0.8, 0.9))
+  assert SPEC.draws() == [(0.8,), (0.9,)]
+  draws = [SPEC.draw(seed=0, step=s) for s in range(200)]
+  assert set(draws) == {(0.8,), (0.9,)}                       # both middle coefficients get trained
+  assert draws == [SPEC.draw(seed=0, step=s) for s in range(200)]  # a resumed run draws the same
+  two = anytime.AnytimeSpec((0.8, 1.2))
+  assert two.draws() == [()] and two.draw(0, 5) == ()
+
+
+def test_loss_terms_are_the_configured_losses():
+  module, params = tiny_bert()
+  batch = tiny_batch()
+  sched = {k: schedule.keep_counts(16, k, (0.8, 0.9)) for k in SPEC.coeffs}
+  assert len(set(sched.values())) == 4  # four distinct schedules: the test tells them apart
+  terms = anytime.loss_terms(params, batch, jax.random.PRNGKey(0), module=module, spec=SPEC,
+                             schedules=sched, sampled=(0.9,), is_regression=False)
+  assert set(terms) == {"label", "smallest", "sampled0"}
+
+  def logits(k):
+    return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                        batch["token_type_ids"], keep_counts=sched[k])["logits"]
+  teacher = logits(1.0)
+  ce = -jnp.take_along_axis(jax.nn.log_softmax(teacher), batch["labels"][:, None], 1).sum()
+  np.testing.assert_allclose(terms["label"], ce, rtol=1e-5)
+  for name, k in (("smallest", 0.6), ("sampled0", 0.9)):
+    p = jax.nn.softmax(teacher / 2.0)
+    kl = jnp.sum(p * (jnp.log(p) - jax.nn.log_softmax(logits(k) / 2.0)))
+    assert kl > 1e-3  # the students really differ from the teacher
+    np.testing.assert_allclose(terms[name], 4.0 * kl, rtol=1e-4)
+
+
+def test_teacher_gets_no_gradient_from_distillation():
+  t, s = jnp.array([[1.0, -2.0], [0.3, 0.1]]), jnp.array([[0.0, 0.5], [2.0, -1.0]])
+  for regression in (False, True):
+    g_t, g_s = jax.grad(lambda t, s: anytime.distill_loss(t, s, regression, 2.0).sum(),
+                        argnums=(0, 1))(t, s)
+    assert not np.any(np.asarray(g_t)) and np.any(np.asarray(g_s))
+  # Through the model: the gradient of the students' terms equals the gradient
+  # with the teacher's logits computed beforehand as constants.
+  module, params = tiny_bert()
+  batch = tiny_batch()
+  sched = {k: schedule.keep_counts(16, k, (0.8, 0.9)) for k in SPEC.coeffs}
+  spec = anytime.AnytimeSpec(SPEC.coeffs, temperature=2.0)
+  students = lambda p: sum(v for n, v in anytime.loss_terms(
+      p, batch, jax.random.PRNGKey(0), module=module, spec=spec, schedules=sched,
+      sampled=(0.8,), is_regression=False).items() if n != "label")
+  teacher = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         batch["token_type_ids"], keep_counts=sched[1.0])["logits"]
+
+  def with_constant_teacher(p):
+    total = 0.0
+    for k in (0.6, 0.8):
+      s = module.apply({"params": p}, batch["input_ids"], batch["attention_mask"],
+                       batch["token_type_ids"], keep_counts=sched[k])["logits"]
+      total += anytime.distill_loss(teacher, s, False, 2.0).sum()
+    return total
+  for a, b in zip(jax.tree.leaves(jax.grad(students)(params)),
+                  jax.tree.leaves(jax.grad(with_constant_teacher)(params))):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_anytime_run_compiles_buckets_times_draws(tiny_model_dir, tiny_sst2_dir, tmp_path,
+                                                   monkeypatch):
+  built = []
+  real = train.make_anytime_step
+
+  def spy(*args, **kwargs):
+    step = real(*args, **kwargs)
+    built.append(step)
+    return step
+  monkeypatch.setattr(train, "make_anytime_step", spy)
+  config = tiny_config(tiny_model_dir, tiny_sst2_dir, coeff=1.0, num_epochs=2,
+                       train_coeffs="0.6,0.8,0.9,1.0", anytime_samples=1)
+  metrics = train.train_and_evaluate(config, tmp_path)
+  assert 0.0 <= metrics["accuracy"] <= 1.0
+  (step,) = built
+  # 2 buckets x 2 draws of the middle coefficient; each executable compiled once over 18 steps.
+  assert set(step.compiled) == {(b, (k,)) for b in (16, 32) for k in (0.8, 0.9)}
+  assert all(fn._cache_size() == 1 for fn in step.compiled.values())
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  logged = [r for r in rows if "loss" in r]
+  for r in logged:
+    assert {"loss_label", "loss_smallest", "loss_sampled0"} <= set(r)
+    assert r["loss"] == pytest.approx(r["loss_label"] + r["loss_smallest"] + r["loss_sampled0"],
+                                      rel=1e-5)
+
+
+def test_survivor_rules_keep_the_same_counts_but_different_tokens():
+  sv = jnp.array([[0.1, 5.0, 0.2, 3.0, 0.3, 4.0, 0.0, 0.0]])
+  valid = jnp.array([[1, 1, 1, 1, 1, 1, 0, 0]], bool)
+  pos = jnp.arange(8)[None]
+  protect = elimination.first_token_mask(valid)
+  pick = lambda rule, rng=None: np.asarray(elimination.select_indices(
+      elimination.survivor_ranking(rule, sv, pos, rng), valid, protect, 3))[0].tolist()
+  assert pick("score") == [0, 1, 5]
+  assert pick("first") == [0, 1, 2]
+  randoms = {tuple(pick("random", jax.random.PRNGKey(i))) for i in range(20)}
+  assert len(randoms) > 3 and all(0 in r and max(r) < 6 for r in randoms)  # never a pad
+  with pytest.raises(ValueError, match="survivor rule"):
+    elimination.survivor_ranking("worst", sv, pos)
+  with pytest.raises(ValueError, match="survivors"):
+    bert.BertConfig(survivors="worst")
+
+
+@pytest.mark.parametrize("rule", ["first", "random"])
+def test_ablation_models_run_at_the_same_counts(rule):
+  module, params = tiny_bert(survivors=rule)
+  ref, _ = tiny_bert()
+  batch = tiny_batch()
+  counts = (10, 6)
+  out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                     keep_counts=counts)
+  base = ref.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                   keep_counts=counts)
+  assert out["last_hidden_state"].shape == base["last_hidden_state"].shape == (6, 6, 16)
+  if rule == "first":  # the survivors are the first valid positions
+    valid_n = np.asarray(batch["attention_mask"]).sum(1)
+    for row, n in zip(np.asarray(out["positions"]), valid_n):
+      assert row.tolist() == list(range(6)) or n < 6
+  assert not np.allclose(out["logits"], base["logits"])
