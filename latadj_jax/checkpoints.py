@@ -13,7 +13,9 @@ import dataclasses
 import json
 import os
 import socket
+import urllib.error
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -26,6 +28,7 @@ TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vo
                    "vocab.json", "merges.txt", "spiece.model", "special_tokens_map.json",
                    "generation_config.json")
 HUB_HOST = "huggingface.co"
+HUB_PROBE_TIMEOUT_S = 10.0  # one metadata request; the real hub answers in well under a second
 # The config.json fields that fix a family's parameter shapes. HF's config
 # classes default every one of them, so a config.json that lacks one would
 # build a model of the wrong size and fail later with a confusing shape error.
@@ -61,6 +64,27 @@ def hub_reachable(timeout: float = 5.0) -> bool:
     return False
 
 
+def hub_problem(repo_id: str, repo_type: str = "model", timeout: float = HUB_PROBE_TIMEOUT_S
+                ) -> str | None:
+  """Returns why the hub can't serve ``repo_id`` right now (no answer in time, a 5xx), or None.
+
+  One metadata request with a hard timeout, before handing over to
+  ``huggingface_hub``/``datasets``: their per-file retries turn a stalled hub
+  into minutes of waiting, and a 500 into a page of text. Other answers (401,
+  404) are left to them, since their messages for those are specific.
+  """
+  base = os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}").rstrip("/")
+  url = f"{base}/api/{repo_type}s/{urllib.parse.quote(repo_id)}"
+  try:
+    with urllib.request.urlopen(url, timeout=timeout):
+      return None
+  except urllib.error.HTTPError as e:
+    return f"the hub at {base} answered {e.code} {e.reason}" if e.code >= 500 else None
+  except (OSError, ValueError) as e:  # URLError, timeouts, refused connections, bad HF_ENDPOINT
+    reason = getattr(e, "reason", e)
+    return f"the hub at {base} did not answer within {timeout:g} s ({reason})"
+
+
 def _looks_like_path(name: str) -> bool:
   # Hub ids are "name" or "org/name"; anything else is meant as a local path.
   return name.startswith((".", "/", "~")) or name.count("/") > 1
@@ -92,11 +116,15 @@ def resolve_model_dir(name_or_path: str, timeout: float = 5.0) -> Path:
         f"and it is not in the local HF cache. Point at local weights with "
         f"--config.model=DIR (a directory with config.json, the tokenizer files and "
         f"model.safetensors, flax_model.msgpack or pytorch_model.bin).")
+  problem = hub_problem(name_or_path)
+  if problem:
+    raise CheckpointError(f"{problem}, so {name_or_path!r} can't be downloaded. Try again later, "
+                          f"or use local weights: --config.model=DIR")
   try:
     return Path(snapshot_download(name_or_path, allow_patterns=patterns, etag_timeout=timeout))
   except Exception as e:  # noqa: BLE001 -- turn hub errors into one clear message
-    raise CheckpointError(f"could not download {name_or_path!r} from the hub: {e}. "
-                          f"Use --config.model=DIR for local weights.") from None
+    raise CheckpointError(f"could not download {name_or_path!r} from the hub "
+                          f"({_first_line(e, 300)}). Use --config.model=DIR for local weights.") from None
 
 
 def _first_line(e: BaseException, limit: int = 160) -> str:

@@ -294,6 +294,10 @@ def _load_hub(task: TaskSpec, split: str, hub_dataset: str) -> Examples:
       raise DataUnavailableError(f"tried to load {what}, but {var} is set, so the hub is off. {fix}")
   if not hub_reachable():
     raise DataUnavailableError(f"tried to load {what}, but huggingface.co cannot be reached. {fix}")
+  from latadj_jax import checkpoints
+  problem = checkpoints.hub_problem(name, "dataset")  # bounded: datasets' own retries are not
+  if problem:
+    raise DataUnavailableError(f"tried to load {what}, but {problem}. Try again later, or: {fix}")
   try:
     import datasets
     dd = datasets.load_dataset(name, task.name if glue else None)

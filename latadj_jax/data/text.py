@@ -118,6 +118,10 @@ def _hub(name: str, config_name: str | None, split: str, what: str):
   if not sources.hub_reachable():
     raise sources.DataUnavailableError(f"tried to load {what}, but huggingface.co cannot be "
                                        f"reached. {fix}")
+  from latadj_jax import checkpoints
+  problem = checkpoints.hub_problem(name, "dataset")
+  if problem:
+    raise sources.DataUnavailableError(f"tried to load {what}, but {problem}. {fix}")
   try:
     import datasets
     return datasets.load_dataset(name, config_name or None, split=split)
