@@ -297,8 +297,8 @@ def test_smollm2_gguf_parity_with_hf():
   ours = np.asarray(pre.module.apply({"params": pre.params}, ids)["logits"])
   err = np.abs(ours - ref).max()
   print(f"SmolLM2 logits max abs error {err:.2e} (logits up to {np.abs(ref).max():.1f})")
-  # 30 float32 layers with logits near 30: the 1e-4 of the tiny models, relative.
-  assert err < 1e-4 * np.abs(ref).max()
+  # 30 float32 layers and logits near 30: a looser bound than the tiny models' 1e-4.
+  assert err < 1e-3
   tokens = np.asarray(gen.generate(pre.module, pre.params, ids, max_new_tokens=8)["tokens"])[0]
   np.testing.assert_array_equal(tokens, ref_tokens[:len(tokens)])
   assert "Berlin" in tok.decode(tokens)  # a q/k permutation error would not know this
@@ -315,30 +315,42 @@ def test_windows_cut_the_token_stream():
     continuation.windows(["short"], tok, 6, 3)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_continuation_nll_matches_a_full_forward(family, tiny):
-  if family == "llama":
-    module, params = tiny
-  else:
-    module = gpt2.GPT2LMHeadModel(gpt2.GPT2Config(vocab_size=50, n_positions=64, n_embd=16,
-                                                  n_layer=N_LAYER, n_head=2, initializer_range=0.3))
-    params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32))["params"]
-  rng = np.random.default_rng(6)
-  P, T = 12, 5
-  stream = rng.integers(0, 50, (5, P + T)).astype(np.int32)
-  cont = continuation.Continuations(stream[:, :P], stream[:, P:])
-  scores, argmax = continuation.scores(module, params, cont, None, batch_size=2)
+def _full_forward_nll(module, params, stream, P):
+  """Returns (NLL [E, T], argmax [E, T]) of the continuation from one forward over prompt + continuation."""
   logits = np.asarray(module.apply({"params": params}, stream)["logits"])[:, P - 1:-1]
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -np.take_along_axis(np.asarray(logp), stream[:, P:, None], -1)[..., 0]
+  logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+  return -np.take_along_axis(logp, stream[:, P:, None], -1)[..., 0], logits.argmax(-1)
+
+
+def test_continuation_nll_gpt2_matches_a_full_forward():
+  module = gpt2.GPT2LMHeadModel(gpt2.GPT2Config(vocab_size=50, n_positions=64, n_embd=16,
+                                                n_layer=N_LAYER, n_head=2, initializer_range=0.3))
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32))["params"]
+  stream = np.random.default_rng(6).integers(0, 50, (3, 17)).astype(np.int32)
+  cont = continuation.Continuations(stream[:, :12], stream[:, 12:])
+  scores, argmax = continuation.scores(module, params, cont, None, batch_size=2)
+  nll, ref_argmax = _full_forward_nll(module, params, stream, 12)
   np.testing.assert_allclose(scores["nll"], nll.mean(), rtol=1e-5)
-  np.testing.assert_array_equal(argmax, logits.argmax(-1))
-  assert scores["tokens"] == 5 * T
+  np.testing.assert_array_equal(argmax, ref_argmax)
+  assert scores["tokens"] == 15
+
+
+def test_continuation_sweep_llama(tiny):
+  module, params = tiny
+  stream = np.random.default_rng(6).integers(0, 50, (5, 17)).astype(np.int32)
+  cont = continuation.Continuations(stream[:, :12], stream[:, 12:])
   rows = continuation.sweep(module, params, cont, [1.0, 0.7], schedule.flat_profile(N_LAYER),
                             batch_size=2, time_repeats=1)
-  assert rows[0]["agreement_with_k1"] == 1.0 and rows[0]["nll"] == pytest.approx(scores["nll"])
+  nll, argmax = _full_forward_nll(module, params, stream, 12)
+  np.testing.assert_allclose(rows[0]["nll"], nll.mean(), rtol=1e-5)
+  assert rows[0]["top1_accuracy"] == (argmax == stream[:, 12:]).mean()
+  assert rows[0]["agreement_with_k1"] == 1.0 and rows[0]["tokens"] == 25
   assert rows[1]["keep_counts"] == [8, 5, 3] and rows[1]["expected_speedup"] > 1.5
   assert 0 <= rows[1]["agreement_with_k1"] < 1 and rows[1]["nll"] != rows[0]["nll"]
+  assert rows[1]["flops_ratio"] > 1.2
+  ep, prof = continuation.resolve_profile(module, params, cont, "acc", 2, 2)
+  assert len(ep) == N_LAYER and all(0 < v <= 1 for v in ep) and len(prof.acc) == N_LAYER
+  assert continuation.resolve_profile(module, params, cont, "flat", 2, 2) == ((1.0,) * N_LAYER, None)
 
 
 def test_eval_cli_continuation_config(hf_llama, tmp_path):

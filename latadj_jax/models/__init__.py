@@ -1,6 +1,6 @@
 """Model families, and ``from_pretrained``: build a module and load its HF weights.
 
-Each family module (``bert``, ``gpt2``, ``t5``) exposes the same small surface:
+Each family module (``bert``, ``gpt2``, ``t5``, ``llama``) exposes the same small surface:
 ``MODEL_TYPES``, ``BASE_PREFIX``, ``build(hf_config, head, **overrides)`` and
 ``torch_name_map(name)``. This file only dispatches on ``model_type``.
 """
@@ -78,8 +78,26 @@ def from_pretrained(name_or_path: str, head: str | None = None, seed: int = 0,
   hf_config = checkpoints.read_config(model_dir)
   module, cfg, dummy = build(hf_config, head, **overrides)
   tensors, fmt = checkpoints.read_weights(model_dir)
+  if getattr(family(hf_config), "CHECKPOINT_HOLDS_ALL", False):  # no new head to initialise
+    return _load_complete(module, cfg, dummy, hf_config, tensors, fmt, model_dir)
   params, report = load_tensors(init_params(module, dummy, seed), hf_config, tensors, fmt)
   return Pretrained(module, params, cfg, hf_config, model_dir, report)
+
+
+def _load_complete(module, cfg, dummy, hf_config: dict, tensors: dict, fmt: str, model_dir: Path,
+                   gguf_file: Path | None = None) -> Pretrained:
+  """Returns a model whose every parameter comes from ``tensors``, or raises CheckpointError.
+
+  The tensors go onto abstract shapes, so there is no init to compile (slow
+  for a 30-layer model on a CPU).
+  """
+  abstract = jax.eval_shape(lambda: init_params(module, dummy))
+  params, report = load_tensors(abstract, hf_config, tensors, fmt)
+  if report.missing:
+    raise checkpoints.CheckpointError(
+        f"{gguf_file or model_dir} lacks parameters {report.missing[:5]} "
+        f"({len(report.missing)} in all)")
+  return Pretrained(module, jax.device_put(params), cfg, hf_config, model_dir, report, gguf_file)
 
 
 def _from_gguf(gguf_file: Path, head: str | None, **overrides: Any) -> Pretrained:
@@ -87,11 +105,5 @@ def _from_gguf(gguf_file: Path, head: str | None, **overrides: Any) -> Pretraine
   from latadj_jax import gguf_loader
   hf_config, tensors = gguf_loader.read_gguf(gguf_file)
   module, cfg, dummy = build(hf_config, head, **overrides)
-  # Every parameter comes from the file: load onto abstract shapes, no init compile.
-  abstract = jax.eval_shape(lambda: init_params(module, dummy))
-  params, report = load_tensors(abstract, hf_config, tensors, "torch")
-  if report.missing:
-    raise checkpoints.CheckpointError(
-        f"{gguf_file.name} lacks parameters {report.missing[:5]} ({len(report.missing)} in all)")
-  return Pretrained(module, jax.device_put(params), cfg, hf_config, gguf_file.parent, report,
-                    gguf_file)
+  return _load_complete(module, cfg, dummy, hf_config, tensors, "torch", gguf_file.parent,
+                        gguf_file)

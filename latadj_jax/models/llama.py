@@ -36,6 +36,7 @@ from latadj_jax.models.gpt2 import causal_allowed, default_position_ids
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 BASE_PREFIX = "model"  # the body's scope in LlamaForCausalLM
+CHECKPOINT_HOLDS_ALL = True  # every parameter comes from the checkpoint: load onto abstract shapes
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
