@@ -194,3 +194,15 @@ def test_per_example_attention_equals_batched(tiny):
   np.testing.assert_array_equal(a["positions"], b["positions"])
   for sa, sb in zip(a["scores"], b["scores"]):
     np.testing.assert_allclose(sa, sb, atol=1e-5)
+
+
+def test_from_pretrained_hands_out_device_arrays(tiny_hf_bert):
+  # Host NumPy parameters would be copied to the device on every jitted call.
+  path, _ = tiny_hf_bert
+  pre = models.from_pretrained(str(path))
+  leaves = jax.tree.leaves(pre.params)
+  assert leaves and all(isinstance(x, jax.Array) and not isinstance(x, np.ndarray) for x in leaves)
+  assert {d for x in leaves for d in x.devices()} == {jax.devices()[0]}
+  sharding = jax.sharding.NamedSharding(jax.make_mesh((1,), ("data",)), jax.sharding.PartitionSpec())
+  placed = models.from_pretrained(str(path), sharding=sharding)
+  assert all(x.sharding == sharding for x in jax.tree.leaves(placed.params))

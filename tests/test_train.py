@@ -140,3 +140,8 @@ def test_four_devices_match_one_device(tmp_path):
   assert result["devices"] == 4
   assert result["loss"][0] == pytest.approx(result["loss"][1], abs=1e-5)
   assert result["maxdiff"] < 1e-5
+
+
+def test_restored_params_live_on_the_device(trained):
+  leaves = jax.tree.leaves(_params(trained[0]).pre.params)
+  assert leaves and all(isinstance(x, jax.Array) and not isinstance(x, np.ndarray) for x in leaves)

@@ -61,6 +61,7 @@ def load_tensors(params: dict, hf_config: dict, tensors: dict, fmt: str):
 
 
 def from_pretrained(name_or_path: str, head: str | None = None, seed: int = 0,
+                    sharding: jax.sharding.Sharding | None = None,
                     **overrides: Any) -> Pretrained:
   """Returns a module with HF weights loaded from a local directory or a hub id.
 
@@ -69,7 +70,16 @@ def from_pretrained(name_or_path: str, head: str | None = None, seed: int = 0,
   random initialisation from ``seed``; ``overrides`` set config fields such as
   ``num_labels`` or ``dtype``. A ``.gguf`` file, or a directory holding one
   (and no HF weights), is read by ``gguf_loader``.
+
+  The parameters are device arrays, placed with ``sharding`` (default: the
+  default device), so a jitted call never copies the weights from the host.
   """
+  pre = _from_pretrained(name_or_path, head, seed, **overrides)
+  pre.params = jax.device_put(pre.params, sharding)
+  return pre
+
+
+def _from_pretrained(name_or_path: str, head: str | None, seed: int, **overrides: Any) -> Pretrained:
   from latadj_jax import gguf_loader
   gguf_file = gguf_loader.find_gguf(name_or_path)
   if gguf_file is not None:
@@ -97,7 +107,7 @@ def _load_complete(module, cfg, dummy, hf_config: dict, tensors: dict, fmt: str,
     raise checkpoints.CheckpointError(
         f"{gguf_file or model_dir} lacks parameters {report.missing[:5]} "
         f"({len(report.missing)} in all)")
-  return Pretrained(module, jax.device_put(params), cfg, hf_config, model_dir, report, gguf_file)
+  return Pretrained(module, params, cfg, hf_config, model_dir, report, gguf_file)
 
 
 def _from_gguf(gguf_file: Path, head: str | None, **overrides: Any) -> Pretrained:
