@@ -28,6 +28,8 @@ def main(argv: list[str]) -> int:
   try:
     train.train_and_evaluate(config, workdir)
   except (checkpoints.CheckpointError, sources.DataUnavailableError) as e:
+    if "hub" not in str(e):  # a bad local file or path: its message names the fix
+      raise
     raise type(e)(f"{e}\nFor a fully offline run, pass local weights and data: "
                   f"python train.py --config={config.name} --config.model=DIR "
                   f"--config.data_dir=DIR, or try python train.py --config=quickstart") from None
