@@ -1,0 +1,261 @@
+"""Accuracy across the offline-tuning range: no elimination, trained at k = 1, anytime (issue 15).
+
+    python benchmarks/glue_anytime.py --task sst2                         # full SST-2 training set
+    python benchmarks/glue_anytime.py --task sst2 --max_train_examples 20000 --tag 20k
+    python benchmarks/glue_anytime.py --task stsb --epochs 3
+    python benchmarks/glue_anytime.py --task sst2 --modes first,random    # the Table VII ablation
+
+Each mode is one ``train.py`` run of MiniLM with the same data, seed and recipe
+(batch 32, AdamW lr 5e-5, 1 epoch unless ``--epochs``, max length 64, length
+buckets 32/64):
+
+* ``base``: no elimination (flat profile, k = 1);
+* ``elim_k1``: the ACC profile, trained at k = 1 alone;
+* ``anytime``: the ACC profile, trained for every k of ``--train_coeffs`` at once;
+* ``first`` / ``random``: trained and evaluated at k = 1 with the ``first`` or
+  ``random`` survivor rule instead of the score (paper Table VII).
+
+Each model is then swept over ``--sweep`` with ``eval.py``: accuracy (or the
+task metric), the expected speedup (eq. 7, over the dev set's buckets), the XLA
+FLOPs ratio and the measured one. The anytime model is also swept with every
+example padded to 64 (the paper's fixed-length setting, labelled as such).
+Finally the train step of k = 1 and of anytime are timed in one process,
+interleaved, for the cost ratio, and the anytime sweep runs in two fresh
+processes sharing one new compilation cache (the second should skip compiling). Writes ``benchmarks/results/<task>[_<tag>]_anytime.json``
+and a plot of the metric against the expected speedup, one curve per mode.
+Finished workdirs under ``--root`` are reused, not retrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CONFIGS = {"sst2": "glue_sst2", "stsb": "glue_stsb", "cola": "glue_cola", "imdb": "imdb"}
+MODES = {  # mode -> train.py overrides
+    "base": ["--config.coeff=1", "--config.profile=flat"],
+    "elim_k1": ["--config.coeff=1", "--config.profile=acc"],
+    "anytime": ["--config.coeff=1", "--config.profile=acc"],
+    "first": ["--config.coeff=1", "--config.profile=acc", "--config.survivors=first"],
+    "random": ["--config.coeff=1", "--config.profile=acc", "--config.survivors=random"],
+}
+
+
+def run(cmd: list[str], log: Path) -> float:
+  """Runs ``cmd`` in the repo, writing its output to ``log``; returns the wall seconds."""
+  print("$", " ".join(cmd), flush=True)
+  t0 = time.perf_counter()
+  with open(log, "w") as f:
+    proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+  if proc.returncode:
+    sys.exit(f"failed ({proc.returncode}); see {log}:\n" + log.read_text()[-3000:])
+  return time.perf_counter() - t0
+
+
+def read_jsonl(path: Path) -> list[dict]:
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def finished(workdir: Path) -> bool:
+  path = workdir / "metrics.jsonl"
+  return path.exists() and any(k.startswith("eval_") for r in read_jsonl(path) for k in r)
+
+
+def train(args, mode: str) -> dict:
+  """Trains one mode (or reuses its finished workdir); returns its summary."""
+  workdir = args.root / mode
+  cmd = [sys.executable, "train.py", f"--config={CONFIGS[args.task]}",
+         f"--config.model={args.model}", f"--config.data_dir={args.data_dir}",
+         f"--config.max_train_examples={args.max_train_examples}",
+         f"--config.num_epochs={args.epochs}", f"--config.learning_rate={args.lr}",
+         f"--config.max_len={args.max_len}", f"--config.buckets={args.buckets}",
+         "--config.batch_size=32", "--config.progress=false", "--config.log_every=100",
+         f"--config.seed={args.seed}", *MODES[mode], f"--workdir={workdir}"]
+  if mode == "anytime":
+    cmd += [f"--config.train_coeffs={args.train_coeffs}",
+            f"--config.anytime_samples={args.anytime_samples}"]
+  wall = None
+  if finished(workdir):
+    print(f"reusing finished run {workdir}")
+  else:
+    wall = run(cmd, args.root / f"{mode}.log")
+  rows = read_jsonl(workdir / "metrics.jsonl")
+  rates = [r["examples_per_s"] for r in rows if "examples_per_s" in r]
+  return {
+      "command": " ".join(cmd[1:]),
+      "final_eval": {k[5:]: v for k, v in rows[-1].items() if k.startswith("eval_")},
+      "steps": rows[-1]["step"],
+      # The first interval includes compiling; the median of the rest is the steady rate.
+      "train_examples_per_s_median": sorted(rates[1:])[len(rates[1:]) // 2] if len(rates) > 1 else None,
+      "wall_seconds": wall if wall is not None else
+                      (workdir / "metrics.jsonl").stat().st_mtime - (workdir / "config.json").stat().st_mtime,
+      "profile": json.loads((workdir / "profile.json").read_text()).get("ep"),
+  }
+
+
+def sweep(args, mode: str, coeffs: str, cache_dir: Path | None = None, tag: str = "") -> dict:
+  """Runs ``eval.py`` on one mode's workdir; returns its results (rows, cache stats, wall)."""
+  workdir = args.root / mode
+  extra = [f"--cache_dir={cache_dir}"] if cache_dir else []
+  wall = run([sys.executable, "eval.py", f"--workdir={workdir}", f"--coeff={coeffs}",
+              f"--repeats={args.repeats}", *extra], args.root / f"eval_{mode}{tag}.log")
+  return {"wall_seconds": wall, **json.loads((workdir / "eval_results.json").read_text())}
+
+
+def cache_check(args, coeffs: str) -> dict:
+  """Sweeps the anytime model in two fresh processes sharing one new compilation cache."""
+  import shutil
+  cache = args.root / "xla_cache_check"
+  shutil.rmtree(cache, ignore_errors=True)
+  first = sweep(args, "anytime", coeffs, cache, "_cache1")
+  second = sweep(args, "anytime", coeffs, cache, "_cache2")
+  return {name: {"wall_seconds": r["wall_seconds"], **r.get("cache", {})}
+          for name, r in (("first", first), ("second", second))}
+
+
+def fixed_length_sweep(workdir: Path, coeffs: str, repeats: int) -> list[dict]:
+  """Returns sweep rows with every example padded to ``max_len``, as the paper pads."""
+  from latadj_jax import evaluate as ev, offline, profiling
+  r = offline.restore(workdir)
+  c = r.run.config
+  (enc,) = profiling.load_encoded_split(c, r.task, r.tokenizer, "validation", 0)
+  clf = ev.Classifier(r.pre.module, r.pre.params, enc, (c.max_len,), c.eval_batch_size,
+                      r.pre.config.num_hidden_layers, model_id=str(c.model), dtype=c.dtype)
+  return ev.sweep(clf, offline.parse_coeffs(coeffs), r.run.profile, r.task.metrics,
+                  r.task.is_regression, time_repeats=repeats, progress=False)
+
+
+def step_time_ratio(args, rounds: int = 8, steps: int = 5) -> dict:
+  """Times the k = 1 and the anytime train steps (bucket 32, batch 32) interleaved in one process."""
+  import jax
+  import numpy as np
+  from latadj_jax import anytime, config_lib, profiling, schedule, train
+  profile = tuple(json.loads((args.root / "anytime" / "profile.json").read_text())["ep"])
+  config = config_lib.load(CONFIGS[args.task])
+  config.model, config.learning_rate = args.model, args.lr
+  pre, _, task = profiling.load_model_and_task(config)
+  mesh = train.make_mesh()
+  spec = anytime.AnytimeSpec(anytime.parse_coeffs(args.train_coeffs), args.anytime_samples)
+  k1 = train.compiled_step(mesh, pre.module, schedule.keep_counts(32, 1.0, profile),
+                           task.is_regression)
+  any_step = train.make_anytime_step(mesh, module=pre.module, spec=spec, profile=profile,
+                                     buckets=(32,), is_regression=task.is_regression, seed=0)
+  rng = np.random.default_rng(0)
+  batch = dict(input_ids=rng.integers(1000, 5000, (32, 32)).astype(np.int32),
+               attention_mask=np.ones((32, 32), np.int32), token_type_ids=np.zeros((32, 32), np.int32),
+               labels=rng.integers(0, 2, 32).astype(np.int32) if not task.is_regression
+               else rng.random(32).astype(np.float32), weights=np.ones(32, np.float32))
+  times = {"k1": [], "anytime": []}
+  states = {}
+  for name, fn in (("k1", lambda s: k1(s, train.shard_batch(batch, mesh), jax.random.PRNGKey(0))),
+                   ("anytime", lambda s: any_step(s, batch, jax.random.PRNGKey(0)))):
+    state = train._replicate(train.TrainState.create(
+        apply_fn=pre.module.apply, params=pre.params, tx=train.make_optimizer(config, 1000)), mesh)
+    for _ in range(len(spec.draws()) * 3):  # compile every draw before timing
+      state, out = fn(state)
+    jax.block_until_ready(out)
+    states[name] = (state, fn)
+  for _ in range(rounds):
+    for name, (state, fn) in states.items():
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        state, out = fn(state)
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t0) / steps)
+      states[name] = (state, fn)
+  med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+  return {"bucket": 32, "batch": 32, "rounds": rounds, "steps_per_round": steps,
+          "k1_step_ms": 1e3 * med["k1"], "anytime_step_ms": 1e3 * med["anytime"],
+          "ratio": med["anytime"] / med["k1"]}
+
+
+def plot(result: dict, metric: str, out: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  for mode, rows in result["sweeps"].items():
+    xs = [r["expected_speedup_all_buckets"] for r in rows]
+    ys = [100 * r[metric] for r in rows]
+    ax.plot(xs, ys, marker="o", label=mode)
+  ax.set_xlabel("expected speedup (eq. 7, dev-set buckets), x")
+  ax.set_ylabel(f"dev {metric} (%)")
+  ax.set_title(f"{result['task']}: one model per curve, swept over k (MiniLM)", fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--task", default="sst2", choices=sorted(CONFIGS))
+  p.add_argument("--data_dir", default="")
+  p.add_argument("--model", default="")
+  p.add_argument("--modes", default="base,elim_k1,anytime")
+  p.add_argument("--max_train_examples", type=int, default=0)
+  p.add_argument("--epochs", type=int, default=1)
+  p.add_argument("--lr", type=float, default=5e-5)
+  p.add_argument("--max_len", type=int, default=64)
+  p.add_argument("--buckets", default="32,64")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--train_coeffs", default="0.8,0.9,1.0,1.1,1.2")
+  p.add_argument("--anytime_samples", type=int, default=1)
+  p.add_argument("--sweep", default="0.8,0.85,0.9,0.95,1.0,1.1,1.2")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--tag", default="")
+  p.add_argument("--root", type=Path, default=None)
+  p.add_argument("--skip_timing", action="store_true")
+  args = p.parse_args()
+  from configs import quickstart
+  args.model = args.model or quickstart.minilm_dir()
+  local = {"sst2": "glue/sst2", "stsb": "glue/STS-B", "cola": "glue/CoLA",
+           "imdb": "polarity/reviews.csv"}[args.task]
+  args.data_dir = args.data_dir or str(REPO.parent / "shared" / "data" / local)
+  name = f"{args.task}_{args.tag}" if args.tag else args.task
+  args.root = args.root or REPO / "workdirs" / f"{name}_anytime"
+  args.root.mkdir(parents=True, exist_ok=True)
+  out = REPO / "benchmarks" / "results" / f"{name}_anytime.json"
+  result = json.loads(out.read_text()) if out.exists() else {}
+  from latadj_jax import timing
+  result.update({"benchmark": "glue_anytime", "task": args.task,
+                 "device": timing.device_name(),
+                 "settings": {k: str(v) for k, v in vars(args).items()}})
+  result.setdefault("train", {})
+  result.setdefault("sweeps", {})
+  modes = args.modes.split(",")
+  for mode in modes:
+    result["train"][mode] = train(args, mode)
+    coeffs = "1.0" if mode in ("first", "random") else args.sweep
+    if mode in ("first", "random"):  # the ablation compares rules at the score model's counts
+      coeffs = "0.9,1.0"
+    result["sweeps"][mode] = sweep(args, mode, coeffs)["rows"]
+    out.write_text(json.dumps(result, indent=2) + "\n")
+  if "anytime" in modes:
+    result["fixed_length"] = {
+        "note": f"every example padded to max_len {args.max_len} (the paper's setting); these "
+                "gains include eliminating padding",
+        "rows": fixed_length_sweep(args.root / "anytime", args.sweep, args.repeats)}
+    if not args.skip_timing:
+      result["train_step_time"] = step_time_ratio(args)
+      result["executable_cache"] = cache_check(args, args.sweep)
+  out.write_text(json.dumps(result, indent=2) + "\n")
+  from latadj_jax import metrics as _  # noqa: F401  (task metrics are named in the rows)
+  metric = next(k for k in ("accuracy", "pearson", "mcc") if k in result["sweeps"][modes[0]][0])
+  curves = {m: r for m, r in result["sweeps"].items() if m in ("base", "elim_k1", "anytime")}
+  if curves:
+    plot({**result, "sweeps": curves}, metric, out.with_suffix(".png"))
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
