@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latadj_jax import metrics, schedule, timing
+from latadj_jax import metrics, multihost, schedule, timing
 from latadj_jax.data import pipeline
 
 
@@ -103,10 +103,18 @@ class Classifier:
     return pipeline.batch_iterator(self.encoded, self.batch_size, self.buckets,
                                    shuffle=False, pad_id=pad_id)
 
-  def predict(self, schedules: dict[int, tuple[int, ...]]) -> np.ndarray:
-    """Returns the logits of every example, in input order."""
-    out = None
-    for batch in self.batches():
+  def predict(self, schedules: dict[int, tuple[int, ...]],
+              across_processes: bool = False) -> np.ndarray:
+    """Returns the logits of every example, in input order.
+
+    With ``across_processes`` every process must call it (``self.params``
+    local to each): each computes every n-th batch and all get every row.
+    """
+    out, owned = None, np.zeros(len(self.encoded.labels), bool)
+    i, n = multihost.part() if across_processes else (0, 1)
+    for j, batch in enumerate(self.batches()):
+      if j % n != i:
+        continue
       exe = self.executable(batch["input_ids"].shape[1], schedules[batch["input_ids"].shape[1]])
       logits = np.asarray(exe(self.params, batch["input_ids"], batch["attention_mask"],
                               batch["token_type_ids"]))
@@ -114,7 +122,16 @@ class Classifier:
         out = np.zeros((len(self.encoded.labels), logits.shape[-1]), np.float32)
       real = batch["index"] >= 0
       out[batch["index"][real]] = logits[real]
-    return out
+      owned[batch["index"][real]] = True
+    if not across_processes:
+      return out
+    if out is None:  # this process had no batch: its share is empty, of the same shape
+      b = next(iter(schedules))
+      spec = jax.ShapeDtypeStruct((self.batch_size, b), jnp.int32)
+      width = jax.eval_shape(_logits_fn(self.module, schedules[b]), self.params, spec, spec,
+                             spec).shape[-1]
+      out = np.zeros((len(self.encoded.labels), width), np.float32)
+    return multihost.gather_rows(out, owned)
 
   def bucket_counts(self) -> dict[int, int]:
     """Returns how many examples fall in each bucket."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from latadj_jax import models, profiling, schedule, train, workdir as wd
+from latadj_jax import models, multihost, profiling, schedule, train, workdir as wd
 from latadj_jax.data import pipeline, text
 
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "target_weights")
@@ -89,11 +90,33 @@ def compiled_step(mesh, module, keep_counts):
 
 
 def shard_batch(batch: dict, mesh) -> dict:
-  """Returns the LM batch's arrays sharded over ``'data'``; each host feeds its own rows."""
-  sharding = NamedSharding(mesh, P("data"))
-  n_proc, pid = jax.process_count(), jax.process_index()
-  return {name: jax.make_array_from_process_local_data(
-      sharding, np.array_split(batch[name], n_proc)[pid]) for name in BATCH_KEYS}
+  """Returns the LM batch's arrays sharded over ``'data'``; each process feeds only its rows."""
+  return multihost.feed(batch, mesh, BATCH_KEYS)
+
+
+def perplexity_at(config, module, params, eval_enc: text.LMEncoded,
+                  counts: tuple[int, ...]) -> dict[str, float]:
+  """Returns ``lm_eval.perplexity_at``'s metrics, each process scoring every n-th batch (all call it).
+
+  The per-batch sums are added in batch order, so the result is the
+  single-process one exactly, and no block is scored twice.
+  """
+  from latadj_jax import lm_eval  # it imports this module
+  ev = lm_eval.LMEvaluator(module, multihost.host_local(params), eval_enc, config.eval_batch_size,
+                           "train", config.dtype)
+  exe = ev.executable(counts)
+  num = pipeline.num_batches(eval_enc, ev.batch_size, (ev.block_size,))
+  sums, done = np.zeros((num, 2), np.float64), np.zeros(num, bool)
+  i, n = multihost.part()
+  for j, batch in enumerate(ev.batches()):
+    if j % n == i:
+      s, c = exe(ev.params, *ev.args(batch))
+      sums[j], done[j] = (float(s), float(c)), True
+  nll, scored = 0.0, 0.0
+  for s, c in multihost.gather_rows(sums, done):
+    nll, scored = nll + s, scored + c
+  mean = nll / max(scored, 1.0)
+  return {"perplexity": math.exp(mean), "fraction_scored": scored / eval_enc.num_targets}
 
 
 # --- model, data and profile --------------------------------------------------------------------
@@ -189,13 +212,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       make_step=make_step,
       count=lambda batch: int(batch["target_weights"].sum()),
       unit="tokens",
-      evaluate=lambda params: lm_eval.perplexity_at(config, pre.module, params, eval_enc, counts),
+      evaluate=lambda params: perplexity_at(config, pre.module, params, eval_enc, counts),
       extra_log=scored_fraction)
   steps_per_epoch = pipeline.num_batches(train_enc, config.batch_size, (block,))
   state, eval_metrics = train.run_loop(config, workdir, pre.module.apply, pre.params,
                                        steps_per_epoch, loop, is_main)
-  if config.eval_coeffs and is_main:
-    lm_eval.sweep_and_report(config, pre.module, state.params, eval_enc, ep, workdir,
-                             model_id=str(config.model or "scratch"),
+  if config.eval_coeffs and is_main:  # timed on process 0's device alone
+    lm_eval.sweep_and_report(config, pre.module, multihost.host_local(state.params), eval_enc, ep,
+                             workdir, model_id=str(config.model or "scratch"),
                              lambada=config.get("lambada", ""), tokenizer=tokenizer)
+  multihost.wait_for_all("lm.train_and_evaluate: done")
   return eval_metrics

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from latadj_jax import models, plots, schedule, workdir as wd
+from latadj_jax import models, multihost, plots, schedule, workdir as wd
 from latadj_jax.data import pipeline, sources
 
 
@@ -57,22 +57,37 @@ def load_encoded(config, task, tokenizer):
 
 
 def measure_acc(module: Any, params: Any, batches: Sequence[dict]) -> np.ndarray:
-  """Returns the mean ACC per layer over the real examples of ``batches`` (no elimination)."""
+  """Returns the mean ACC per layer over the real examples of ``batches`` (no elimination).
+
+  With several processes each measures its share of the batches and all get
+  the sum of every batch, added in batch order: the result is bit for bit the
+  single-process one, and no example is counted twice.
+  """
 
   @jax.jit
   def layer_acc(params, ids, mask, types):
     return module.apply({"params": params}, ids, mask, types, output_scores=True)["acc"]
 
-  total, count = 0.0, 0
-  for batch in batches:
-    acc_BxL = np.asarray(layer_acc(params, batch["input_ids"], batch["attention_mask"],
-                                   batch["token_type_ids"]))
-    real = batch["weights"] > 0
-    total = total + acc_BxL[real].sum(0)
-    count += int(real.sum())
-  if not count:
+  if not batches:
     raise ValueError("no examples to profile ACC on")
-  return total / count
+  args = lambda b: (b["input_ids"], b["attention_mask"], b["token_type_ids"])
+  params = multihost.host_local(params)
+  acc_spec = jax.eval_shape(layer_acc, params, *args(batches[0]))
+  sums = np.zeros((len(batches), acc_spec.shape[-1]), acc_spec.dtype)
+  counts = np.zeros(len(batches), np.int64)
+  done = np.zeros(len(batches), bool)
+  i, n = multihost.part()
+  for j in range(i, len(batches), n):
+    acc_BxL = np.asarray(layer_acc(params, *args(batches[j])))
+    real = batches[j]["weights"] > 0
+    sums[j], counts[j], done[j] = acc_BxL[real].sum(0), int(real.sum()), True
+  sums, counts = multihost.gather_rows(sums, done), multihost.gather_rows(counts, done)
+  total = 0.0
+  for s in sums:
+    total = total + s
+  if not counts.sum():
+    raise ValueError("no examples to profile ACC on")
+  return total / int(counts.sum())
 
 
 def parse_profile(value: Any, num_layers: int) -> tuple[float, ...] | None:
@@ -93,7 +108,9 @@ def resolve_profile(config, workdir: Path, pre, train_enc, buckets, num_layers: 
   The measurement runs the starting model with no elimination on the first
   ``profile_batches`` shuffled training batches, then fits METHOD.md's curve.
   """
-  stored = wd.load_profile(workdir)
+  # Process 0's workdir decides, so every process takes the same branch (measuring is collective).
+  stored = multihost.from_main(wd.load_profile(workdir) if multihost.is_main() else None,
+                               num_layers)
   if stored is not None:
     return stored
   ep = parse_profile(config.profile, num_layers)

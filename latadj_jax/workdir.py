@@ -130,6 +130,12 @@ def restore_params(workdir: Path, abstract_params: Any) -> tuple[Any, int]:
   if step is None:
     raise WorkdirError(f"no checkpoint in {str(path)!r}: nothing to evaluate. "
                        f"Train first, or point --workdir at a finished run")
+  # Onto this process's first device, whatever mesh (devices, processes) saved it.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract_params = jax.tree.map(
+      lambda x: x if getattr(x, "sharding", None) else jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                              sharding=device),
+      abstract_params)
   restored = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_params)))
   return restored.params, step
