@@ -131,6 +131,8 @@ def main(argv: list[str]) -> int:
     raise SystemExit("nothing to run after --")
   if args.processes < 1 or args.devices_per_process < 1:
     raise SystemExit("--processes and --devices_per_process must be at least 1")
+  # A terminated launcher takes its processes with it (``launch`` stops them on the way out).
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
   return launch(command, args.processes, args.devices_per_process, grace_s=args.grace_s,
                 port=args.port)
 
