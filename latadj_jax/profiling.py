@@ -26,7 +26,7 @@ def load_model_and_task(config: ml_collections.ConfigDict):
   pre = models.from_pretrained(
       config.model, head="classification", seed=config.seed, num_labels=task.num_labels,
       hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout,
-      dtype=config.dtype)
+      dtype=config.dtype, survivors=config.get("survivors", "score"))
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(pre.model_dir))
   return pre, tokenizer, task
 
@@ -134,4 +134,8 @@ def resolve_profile(config, workdir: Path, pre, train_enc, buckets, num_layers: 
     for b, c in scheds.items():
       print(f"  bucket {b}: keep counts {list(c)} (expected speedup "
             f"{schedule.expected_speedup(b, c):.2f}x at coeff {config.coeff:g})")
+    if config.coeff < 1 and all(e == 1.0 for e in ep):
+      print(f"note: a flat profile still eliminates below coeff 1: coeff {config.coeff:g} keeps "
+            f"{config.coeff:g} of the word-vectors in every layer. For no elimination pass "
+            f"--config.coeff=1")
   return ep

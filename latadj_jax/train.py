@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -20,12 +19,11 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from latadj_jax import evaluate, profiling, report, schedule, workdir as wd
+from latadj_jax import anytime, evaluate, multihost, profiling, report, schedule, workdir as wd
 from latadj_jax.data import pipeline
 
 
@@ -50,35 +48,68 @@ def loss_sums(params, batch, rng, *, module, keep_counts, is_regression) -> tupl
   logits = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                         batch["token_type_ids"], keep_counts=keep_counts, deterministic=False,
                         rngs={"dropout": rng})["logits"]
-  if is_regression:
-    per_example = jnp.square(logits[:, 0] - batch["labels"])
-  else:
-    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+  per_example = anytime.label_loss(logits, batch["labels"], is_regression)
   return jnp.sum(per_example * batch["weights"]), jnp.sum(batch["weights"])
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, module, keep_counts,
-               is_regression, axis: str = "data") -> tuple[TrainState, dict]:
-  """Returns the updated state and the global loss; runs per device inside ``shard_map``.
+def single_terms(params, batch, rng, *, module, keep_counts, is_regression) -> dict[str, jax.Array]:
+  """Returns the one loss term of training at a single coefficient."""
+  return {"label": loss_sums(params, batch, rng, module=module, keep_counts=keep_counts,
+                             is_regression=is_regression)[0]}
 
-  Dividing each device's weighted loss sum by the global weight (rather than
-  averaging per-device means) keeps the result exact when padded rows (weight 0)
-  are spread unevenly across devices: it equals the single-device step.
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, terms: Callable,
+               axis: str = "data") -> tuple[TrainState, dict]:
+  """Returns the updated state and the global losses; runs per device inside ``shard_map``.
+
+  ``terms(params, batch, rng)`` returns named sums of weighted per-example
+  losses; the step minimises their total. Dividing each device's sums by the
+  global weight (rather than averaging per-device means) keeps the result exact
+  when padded rows (weight 0) are spread unevenly across devices: it equals the
+  single-device step.
   """
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis))
   total_weight = jnp.maximum(jax.lax.psum(jnp.sum(batch["weights"]), axis), 1.0)
 
   def loss_fn(params):
-    total, _ = loss_sums(params, batch, rng, module=module, keep_counts=keep_counts,
-                         is_regression=is_regression)
-    return total / total_weight
+    parts = {name: v / total_weight for name, v in terms(params, batch, rng).items()}
+    return sum(parts.values()), parts
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   # No explicit psum of grads: the params are replicated (unvarying over ``axis``),
   # so under shard_map's varying-type checks their gradient is already summed over
   # the axis (the transpose of the implicit pvary is a psum). Summing again would
   # scale it by the device count.
-  return state.apply_gradients(grads=grads), {"loss": jax.lax.psum(loss, axis)}
+  out = {"loss": jax.lax.psum(loss, axis)}
+  if len(parts) > 1:
+    out.update({f"loss_{name}": jax.lax.psum(v, axis) for name, v in parts.items()})
+  return state.apply_gradients(grads=grads), out
+
+
+def _jit_step(mesh, terms: Callable):
+  fn = functools.partial(train_step, terms=terms)
+  # Outputs replicated exactly as ``_replicate`` places the inputs (``P()``): left to
+  # itself, jit returns ``P(None, ...)``, an equal placement with another cache key,
+  # and the second step would compile again.
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data"), P()),
+                               out_specs=(P(), P()), check_vma=True), donate_argnums=0,
+                 out_shardings=(replicated, replicated))
+
+
+def compiled_step(mesh, module, keep_counts, is_regression):
+  """Returns the jitted, data-parallel train step for one keep-count schedule (state donated)."""
+  return _jit_step(mesh, functools.partial(single_terms, module=module, keep_counts=keep_counts,
+                                           is_regression=is_regression))
+
+
+def compiled_anytime_step(mesh, module, spec: anytime.AnytimeSpec,
+                          schedules: dict[float, tuple[int, ...]], sampled: tuple[float, ...],
+                          is_regression):
+  """Returns the jitted anytime train step of one bucket and one draw of middle coefficients."""
+  return _jit_step(mesh, functools.partial(anytime.loss_terms, module=module, spec=spec,
+                                           schedules=schedules, sampled=sampled,
+                                           is_regression=is_regression))
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -86,33 +117,24 @@ def make_mesh() -> jax.sharding.Mesh:
   return jax.make_mesh((jax.device_count(),), ("data",))
 
 
-def compiled_step(mesh, module, keep_counts, is_regression):
-  """Returns the jitted, data-parallel train step for one keep-count schedule (state donated)."""
-  fn = functools.partial(train_step, module=module, keep_counts=keep_counts,
-                         is_regression=is_regression)
-  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data"), P()),
-                               out_specs=(P(), P()), check_vma=True), donate_argnums=0)
-
-
 def shard_batch(batch: dict, mesh) -> dict:
-  """Returns the global batch as arrays sharded over ``'data'``; each host feeds its own rows."""
-  sharding = NamedSharding(mesh, P("data"))
-  n_proc, pid = jax.process_count(), jax.process_index()
-  out = {}
-  for name in ("input_ids", "attention_mask", "token_type_ids", "labels", "weights"):
-    rows = np.array_split(batch[name], n_proc)[pid]
-    out[name] = jax.make_array_from_process_local_data(sharding, rows)
-  return out
+  """Returns the global batch as arrays sharded over ``'data'``; each process feeds only its rows."""
+  return multihost.feed(batch, mesh, ("input_ids", "attention_mask", "token_type_ids", "labels",
+                                      "weights"))
 
 
 def maybe_initialize_distributed() -> None:
-  """Calls ``jax.distributed.initialize()`` when launched as a multi-host job."""
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("LATADJ_MULTIHOST"):
-    jax.distributed.initialize()
+  """Starts JAX's distributed runtime when launched as one of several processes.
+
+  It reads ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+  ``JAX_PROCESS_ID`` (``LATADJ_MULTIHOST=1``: JAX's cluster auto-detection);
+  see ``latadj_jax.multihost`` and ``python -m latadj_jax.launch``.
+  """
+  multihost.initialize_from_env()
 
 
 def _replicate(tree, mesh):
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  return multihost.replicate(tree, mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +169,12 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, apply_fn, params,
   state = TrainState.create(apply_fn=apply_fn, params=params,
                             tx=make_optimizer(config, total_steps))
   manager = wd.checkpoint_manager(workdir, config.keep_checkpoints)
-  if manager.latest_step() is not None:
-    state = wd.restore_state(manager, state)
-    print(f"resumed from step {int(state.step)} in {workdir}")
+  # Replicate first: orbax then restores straight onto every process's devices,
+  # whatever the process count of the run that saved it.
   state = _replicate(state, mesh)
+  if manager.latest_step() is not None:
+    state = _replicate(wd.restore_state(manager, state), mesh)
+    print(f"resumed from step {int(state.step)} in {workdir}")
   step_fn = loop.make_step(mesh)
   rng = jax.random.PRNGKey(config.seed)
   logger = report.MetricLogger(workdir, enabled=is_main)
@@ -182,8 +206,10 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, apply_fn, params,
         if step % steps_per_epoch == 0 and config.eval_every_epoch or step == total_steps:
           eval_metrics = loop.evaluate(state.params)
           logger.write(step, {f"eval_{k}": v for k, v in eval_metrics.items()})
-          bar.write(f"step {step} (epoch {step / steps_per_epoch:.2f}) eval at coeff "
-                    f"{config.coeff:g}: {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
+          if is_main:
+            scores = json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})
+            bar.write(f"step {step} (epoch {step / steps_per_epoch:.2f}) eval at coeff "
+                      f"{config.coeff:g}: {scores}")
         if step >= total_steps:
           break
   finally:
@@ -192,6 +218,34 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, apply_fn, params,
   bar.close()
   logger.close()
   return state, eval_metrics
+
+
+def make_anytime_step(mesh, *, module, spec: anytime.AnytimeSpec, profile, buckets,
+                      is_regression, seed: int) -> Callable:
+  """Returns step(state, host batch, rng) for anytime training (see ``latadj_jax.anytime``).
+
+  One executable per (bucket, draw of middle coefficients), compiled on first
+  use: at most ``len(buckets) * len(spec.draws())`` across a run. The draw is
+  a function of the step number, which is read from the state once and then
+  counted here, so dispatch stays asynchronous.
+  """
+  schedules = {b: {k: schedule.keep_counts(b, k, profile) for k in spec.coeffs} for b in buckets}
+  steps: dict[tuple[int, tuple[float, ...]], Callable] = {}
+  counter = {"step": None}
+
+  def step(state, batch, rng):
+    if counter["step"] is None:
+      counter["step"] = int(state.step)
+    sampled = spec.draw(seed, counter["step"])
+    counter["step"] += 1
+    key = (batch["input_ids"].shape[1], sampled)
+    if key not in steps:
+      steps[key] = compiled_anytime_step(mesh, module, spec, schedules[key[0]], sampled,
+                                         is_regression)
+    return steps[key](state, shard_batch(batch, mesh), rng)
+
+  step.compiled = steps  # exposed for tests: the executables built so far
+  return step
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -216,10 +270,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   schedules = evaluate.schedules_for(config.coeff, ep, buckets)
   check_batch_size(config.batch_size)
 
-  def make_step(mesh):
-    steps = {b: compiled_step(mesh, pre.module, schedules[b], task.is_regression) for b in buckets}
-    return lambda state, batch, rng: steps[batch["input_ids"].shape[1]](
-        state, shard_batch(batch, mesh), rng)
+  spec = anytime.spec_from_config(config)
+  if spec is not None:
+    make_step = functools.partial(make_anytime_step, module=pre.module, spec=spec, profile=ep,
+                                  buckets=buckets, is_regression=task.is_regression,
+                                  seed=config.seed)
+  else:
+    def make_step(mesh):
+      steps = {b: compiled_step(mesh, pre.module, schedules[b], task.is_regression)
+               for b in buckets}
+      return lambda state, batch, rng: steps[batch["input_ids"].shape[1]](
+          state, shard_batch(batch, mesh), rng)
 
   loop = Loop(
       batches=lambda epoch, start: pipeline.batch_iterator(
@@ -228,12 +289,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       make_step=make_step,
       count=lambda batch: int(batch["weights"].sum()),
       unit="examples",
-      evaluate=lambda params: evaluate_at(config, pre, params, eval_enc, buckets, ep, task))
+      evaluate=lambda params: evaluate_at(config, pre, params, eval_enc, buckets, ep, task),
+      extra_log=lambda out, batch: {k: float(v) for k, v in out.items() if k != "loss"})
   steps_per_epoch = pipeline.num_batches(train_enc, config.batch_size, buckets)
   state, eval_metrics = run_loop(config, workdir, pre.module.apply, pre.params, steps_per_epoch,
                                  loop, is_main)
-  if config.eval_coeffs and is_main:
-    report.sweep_and_report(config, pre, state.params, eval_enc, buckets, ep, task, workdir)
+  if config.eval_coeffs and is_main:  # timed on process 0's device alone
+    report.sweep_and_report(config, pre, multihost.host_local(state.params), eval_enc, buckets,
+                            ep, task, workdir)
+  multihost.wait_for_all("train_and_evaluate: done")
   return eval_metrics
 
 
@@ -249,11 +313,11 @@ def _check_finite(loss: jax.Array, step: int, last_good: int | None, workdir: Pa
 
 
 def evaluate_at(config, pre, params, eval_enc, buckets, ep, task) -> dict[str, float]:
-  """Returns the task metrics on the eval set at the training coefficient."""
-  clf = evaluate.Classifier(pre.module, params, eval_enc, buckets, config.eval_batch_size,
-                            pre.config.num_hidden_layers, model_id=str(config.model),
-                            dtype=config.dtype)
-  logits = clf.predict(evaluate.schedules_for(config.coeff, ep, buckets))
+  """Returns the task metrics on the eval set at the training coefficient (every process calls it)."""
+  clf = evaluate.Classifier(pre.module, multihost.host_local(params), eval_enc, buckets,
+                            config.eval_batch_size, pre.config.num_hidden_layers,
+                            model_id=str(config.model), dtype=config.dtype)
+  logits = clf.predict(evaluate.schedules_for(config.coeff, ep, buckets), across_processes=True)
   preds = evaluate.predictions(logits, task.is_regression)
   from latadj_jax import metrics
   return metrics.compute_metrics(task.metrics, preds, eval_enc.labels)
