@@ -15,8 +15,9 @@ the causal mask also compares the carried original positions. Grouped-query
 attention (fewer k/v heads than q heads) is computed per k/v head group,
 without copying k and v. Keys go into the KV cache already rotated, as in HF.
 
-Mistral adds a sliding window to the mask (on original positions); Qwen2 adds
-q/k/v biases. No dropout: this family is used training-free.
+Mistral adds a sliding window to the mask (on original positions); its scores
+still use eq. 8's count of all later queries, not only those inside the
+window. Qwen2 adds q/k/v biases. No dropout: this family is used training-free.
 """
 
 from __future__ import annotations
