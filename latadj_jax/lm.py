@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
 
 from latadj_jax import models, multihost, profiling, schedule, train, workdir as wd
 from latadj_jax.data import pipeline, text
@@ -84,9 +83,8 @@ def train_step(state: train.TrainState, batch: dict, rng: jax.Array, *, module, 
 
 def compiled_step(mesh, module, keep_counts):
   """Returns the jitted, data-parallel LM train step for one keep-count schedule (state donated)."""
-  fn = functools.partial(train_step, module=module, keep_counts=keep_counts)
-  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data"), P()),
-                               out_specs=(P(), P()), check_vma=True), donate_argnums=0)
+  return train.jit_data_parallel(mesh, functools.partial(train_step, module=module,
+                                                         keep_counts=keep_counts))
 
 
 def shard_batch(batch: dict, mesh) -> dict:

@@ -87,7 +87,14 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, terms: Callabl
 
 
 def _jit_step(mesh, terms: Callable):
-  fn = functools.partial(train_step, terms=terms)
+  return jit_data_parallel(mesh, functools.partial(train_step, terms=terms))
+
+
+def jit_data_parallel(mesh, fn: Callable):
+  """Returns ``fn(state, batch, rng)`` jitted over the ``'data'`` axis (state donated).
+
+  The state and outputs are replicated, the batch is split over ``'data'``.
+  """
   # Outputs replicated exactly as ``_replicate`` places the inputs (``P()``): left to
   # itself, jit returns ``P(None, ...)``, an equal placement with another cache key,
   # and the second step would compile again.

@@ -145,3 +145,11 @@ def test_four_devices_match_one_device(tmp_path):
 def test_restored_params_live_on_the_device(trained):
   leaves = jax.tree.leaves(_params(trained[0]).pre.params)
   assert leaves and all(isinstance(x, jax.Array) and not isinstance(x, np.ndarray) for x in leaves)
+
+
+def test_each_bucket_compiles_its_step_once(tiny_model_dir, tiny_sst2_dir, tmp_path, monkeypatch):
+  # The state the step returns must be placed like the one it took, or step 2 recompiles.
+  built, real = [], train.compiled_step
+  monkeypatch.setattr(train, "compiled_step", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+  train.train_and_evaluate(tiny_config(tiny_model_dir, tiny_sst2_dir, num_epochs=1), tmp_path)
+  assert len(built) == 2 and all(fn._cache_size() == 1 for fn in built)  # buckets 16 and 32
