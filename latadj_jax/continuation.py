@@ -27,6 +27,7 @@ from latadj_jax import models, profiling, schedule, timing
 from latadj_jax import workdir as wd
 from latadj_jax.data import text
 from latadj_jax.lm_eval import last_word_fn
+from latadj_jax.models import llama
 
 
 @dataclasses.dataclass
@@ -80,7 +81,8 @@ def scores(module, params, cont: Continuations, counts: tuple[int, ...] | None,
 def prefill_executable(module, params, counts: tuple[int, ...], input_ids) -> jax.stages.Compiled:
   """Returns the compiled prompt forward with elimination and the last token's logits (TTFT's core)."""
   fn = jax.jit(lambda p, i, m: module.apply({"params": p}, i, m, counts,
-                                            method=type(module).prefill)[0])
+                                            method=type(module).prefill)[0],
+               **llama.jit_options(module))
   return fn.lower(params, input_ids, jnp.ones_like(input_ids)).compile()
 
 
@@ -122,7 +124,8 @@ def resolve_profile(module, params, cont: Continuations, spec: str, batches: int
   L = module.config.n_layer
   if spec != "acc":
     return profiling.parse_profile(spec, L) or schedule.flat_profile(L), None
-  fn = jax.jit(lambda p, i: module.apply({"params": p}, i, output_scores=True)["acc"])
+  fn = jax.jit(lambda p, i: module.apply({"params": p}, i, output_scores=True)["acc"],
+               **llama.jit_options(module))
   acc_ExL = np.concatenate([np.asarray(fn(params, cont.prompts[s:s + 1]))  # batch 1: no padding
                             for s in range(min(batches, len(cont.prompts)))])
   prof = schedule.profile_from_acc(acc_ExL.mean(0), degree)

@@ -35,6 +35,7 @@ from latadj_jax import elimination, evaluate, lm, models, profiling, report, sch
 from latadj_jax import workdir as wd
 from latadj_jax.data import pipeline, text
 from latadj_jax.models import gpt2_generate as gen
+from latadj_jax.models import llama
 
 
 # --- survivor perplexity ------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def last_word_fn(module, counts: tuple[int, ...] | None, num_targets: int):
   """
   T, cls = num_targets, type(module)
 
-  @jax.jit
+  @functools.partial(jax.jit, **llama.jit_options(module))
   def fn(params, input_ids, attention_mask, targets_BxT):
     variables = {"params": params}
     logits_BxV, out = module.apply(variables, input_ids, attention_mask, counts,

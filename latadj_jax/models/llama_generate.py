@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from latadj_jax import elimination
 from latadj_jax.models.gpt2_generate import init_caches, select_token
-from latadj_jax.models.llama import LlamaForCausalLM
+from latadj_jax.models.llama import LlamaForCausalLM, jit_options
 
 
 def prefill_state(logits_BxV, out: dict, attention_mask, max_new_tokens: int) -> dict:
@@ -38,7 +38,7 @@ def prefill_fn(module: LlamaForCausalLM, keep_counts: tuple[int, ...] | None,
   This is the time-to-first-token path: the prompt forward with elimination,
   the caches and the first new token.
   """
-  @jax.jit
+  @functools.partial(jax.jit, **jit_options(module))
   def fn(params, input_ids, attention_mask, rng):
     logits_BxV, out = module.apply({"params": params}, input_ids, attention_mask, keep_counts,
                                    method=LlamaForCausalLM.prefill)
@@ -51,7 +51,7 @@ def prefill_fn(module: LlamaForCausalLM, keep_counts: tuple[int, ...] | None,
 def decode_fn(module: LlamaForCausalLM, max_new_tokens: int, temperature: float = 0.0,
               top_k: int = 0):
   """Returns a jitted ``fn(params, first_token_B, state, rng) -> (tokens_BxT, caches)``."""
-  @jax.jit
+  @functools.partial(jax.jit, **jit_options(module))
   def fn(params, first_token_B, state, rng):
     T = max_new_tokens
     offsets = [c["k"].shape[1] - T for c in state["caches"]]
