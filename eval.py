@@ -114,6 +114,10 @@ def _evaluate_config(name: str, overrides: list[str], argv: list[str]) -> int:
     from latadj_jax import continuation
     continuation.evaluate_config(config, coeffs, out=args.out, time_repeats=args.repeats)
     return 0
+  if config.get("task") == "fewshot_lm":  # a pretrained causal LM: few-shot letters per k
+    from latadj_jax import fewshot_lm
+    fewshot_lm.evaluate_config(config, coeffs, out=args.out, time_repeats=args.repeats)
+    return 0
   if "benchmark" not in config:
     raise config_lib.ConfigError(f"config {name!r} needs training: python train.py --config={name}, "
                                  f"then python eval.py --workdir=DIR")
