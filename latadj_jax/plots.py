@@ -16,16 +16,17 @@ import numpy as np  # noqa: E402
 from latadj_jax import schedule  # noqa: E402
 
 
-def plot_profile(prof: schedule.Profile, path: Path, title: str = "") -> Path:
+def plot_profile(prof: schedule.Profile, path: Path, title: str = "",
+                 xlabel: str = "encoder layer l") -> Path:
   """Writes the ACC points, their fit and EP per layer (paper Fig. 4) to ``path``."""
   layers = list(range(1, len(prof.acc) + 1))
   fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
   ax.plot(layers, prof.acc, "o", label="ACC (measured, mean over examples)")
   ax.plot(layers, prof.fit, "-", label="fitted curve F(l)")
   ax.step(layers, prof.ep, where="mid", linestyle="--", label="elimination profile EP")
-  ax.set_xlabel("encoder layer l")
+  ax.set_xlabel(xlabel)
   ax.set_ylabel("ratio (unitless)")
-  ax.set_xticks(layers)
+  ax.set_xticks(layers if len(layers) <= 16 else layers[::3])  # 30 labels would collide
   ax.set_ylim(0, 1.05)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
