@@ -178,6 +178,11 @@ def step_time_ratio(args, rounds: int = 8, steps: int = 5) -> dict:
           "ratio": med["anytime"] / med["k1"]}
 
 
+LABELS = {"base": "no elimination in training (flat profile at eval)",
+          "elim_k1": "trained at k = 1 (ACC profile)",
+          "anytime": "anytime, k = 0.8 ... 1.2 (ACC profile)"}
+
+
 def plot(result: dict, metric: str, out: Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -186,7 +191,7 @@ def plot(result: dict, metric: str, out: Path) -> None:
   for mode, rows in result["sweeps"].items():
     xs = [r["expected_speedup_all_buckets"] for r in rows]
     ys = [100 * r[metric] for r in rows]
-    ax.plot(xs, ys, marker="o", label=mode)
+    ax.plot(xs, ys, marker="o", label=LABELS.get(mode, mode))
   ax.set_xlabel("expected speedup (eq. 7, dev-set buckets), x")
   ax.set_ylabel(f"dev {metric} (%)")
   ax.set_title(f"{result['task']}: one model per curve, swept over k (MiniLM)", fontsize=10)
