@@ -14,7 +14,7 @@ which is HF's rule for left- and right-padded prompts alike.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -100,22 +100,31 @@ def generate(module: GPT2LMHeadModel, params: Any, input_ids, attention_mask=Non
   0, else temperature sampling restricted to the ``top_k`` best (0: all).
   Decoding runs all ``max_new_tokens`` steps; it does not stop at EOS.
   """
+  return run(module, params, input_ids, attention_mask, module.config.n_positions, prefill_fn,
+             decode_fn, max_new_tokens=max_new_tokens, keep_counts=keep_counts,
+             temperature=temperature, top_k=top_k, rng=rng)
+
+
+def run(module, params, input_ids, attention_mask, max_positions: int, prefill: Callable,
+        decode: Callable, *, max_new_tokens: int, keep_counts, temperature: float, top_k: int,
+        rng: jax.Array | None) -> dict:
+  """Checks the request, prefills (``prefill(module, counts, ...)``) and decodes; shared by families."""
   input_ids = jnp.asarray(input_ids, jnp.int32)
   B, N = input_ids.shape
   if attention_mask is None:
     attention_mask = jnp.ones((B, N), jnp.int32)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-  if N + max_new_tokens > module.config.n_positions:
+  if N + max_new_tokens > max_positions:
     raise ValueError(f"prompt length {N} + max_new_tokens {max_new_tokens} exceeds the "
-                     f"model's {module.config.n_positions} positions")
+                     f"model's {max_positions} positions")
   if temperature < 0 or top_k < 0:
     raise ValueError(f"temperature and top_k must be >= 0, got {temperature}, {top_k}")
   counts = None if keep_counts is None else tuple(keep_counts)
   rng = jax.random.PRNGKey(0) if rng is None else rng
   rng, first_rng = jax.random.split(rng)
-  first_B, state = prefill_fn(module, counts, max_new_tokens, float(temperature), int(top_k))(
+  first_B, state = prefill(module, counts, max_new_tokens, float(temperature), int(top_k))(
       params, input_ids, jnp.asarray(attention_mask, jnp.int32), first_rng)
-  tokens, caches = decode_fn(module, max_new_tokens, float(temperature), int(top_k))(
+  tokens, caches = decode(module, max_new_tokens, float(temperature), int(top_k))(
       params, first_B, state, rng)
   return {"tokens": tokens, "caches": caches}

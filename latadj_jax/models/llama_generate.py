@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from latadj_jax import elimination
+from latadj_jax.models import gpt2_generate
 from latadj_jax.models.gpt2_generate import init_caches, select_token
 from latadj_jax.models.llama import LlamaForCausalLM, jit_options
 
@@ -78,22 +79,7 @@ def generate(module: LlamaForCausalLM, params: Any, input_ids, attention_mask=No
   As ``gpt2_generate.generate``: the prompt prefilled with ``keep_counts``
   (None: no elimination), greedy at temperature 0, no stop at EOS.
   """
-  input_ids = jnp.asarray(input_ids, jnp.int32)
-  B, N = input_ids.shape
-  if attention_mask is None:
-    attention_mask = jnp.ones((B, N), jnp.int32)
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-  if N + max_new_tokens > module.config.max_position_embeddings:
-    raise ValueError(f"prompt length {N} + max_new_tokens {max_new_tokens} exceeds the "
-                     f"model's {module.config.max_position_embeddings} positions")
-  if temperature < 0 or top_k < 0:
-    raise ValueError(f"temperature and top_k must be >= 0, got {temperature}, {top_k}")
-  counts = None if keep_counts is None else tuple(keep_counts)
-  rng = jax.random.PRNGKey(0) if rng is None else rng
-  rng, first_rng = jax.random.split(rng)
-  first_B, state = prefill_fn(module, counts, max_new_tokens, float(temperature), int(top_k))(
-      params, input_ids, jnp.asarray(attention_mask, jnp.int32), first_rng)
-  tokens, caches = decode_fn(module, max_new_tokens, float(temperature), int(top_k))(
-      params, first_B, state, rng)
-  return {"tokens": tokens, "caches": caches}
+  return gpt2_generate.run(module, params, input_ids, attention_mask,
+                           module.config.max_position_embeddings, prefill_fn, decode_fn,
+                           max_new_tokens=max_new_tokens, keep_counts=keep_counts,
+                           temperature=temperature, top_k=top_k, rng=rng)
