@@ -265,15 +265,21 @@ def evaluate_config(config, coeffs: Sequence[float] | None = None, out: str = ""
                 "eval_seconds: wall time to score every prompt, compiles included",
       "config": config.to_dict(),
       "rows": [{k: v for k, v in r.items() if k not in ("answers", "generations")} for r in rows]}
+  write_results(out_dir, result, bench, h.prompts, rows,
+                {"generation": "generations", "answer": "answers"})
+  print(format_table(result))
+  return result
+
+
+def write_results(out_dir: Path, result: dict, bench, prompts, rows: Sequence[dict],
+                  per_item: dict[str, str]) -> None:
+  """Writes the results JSON and one predictions line per item (``per_item``: out key -> row key)."""
   wd.write_json(out_dir / RESULTS, result)
   with open(out_dir / PREDICTIONS, "w") as f:
     for i, it in enumerate(bench.items):
       f.write(json.dumps({"task": it.task, "target": it.query.target,
-                          "shots": h.prompts.shots_used[i],
-                          "prompt_tokens": len(h.prompts.encoded.input_ids[i]),
-                          "by_coeff": {f"{r['coeff']:g}": {"generation": r["generations"][i],
-                                                           "answer": r["answers"][i]}
+                          "shots": prompts.shots_used[i],
+                          "prompt_tokens": len(prompts.encoded.input_ids[i]),
+                          "by_coeff": {f"{r['coeff']:g}": {k: r[v][i] for k, v in per_item.items()}
                                        for r in rows}}) + "\n")
-  print(format_table(result))
   print(f"wrote {out_dir / RESULTS} and {out_dir / PREDICTIONS}")
-  return result

@@ -18,7 +18,6 @@ Readers, prompts and exact match are ``latadj_jax.data.fewshot``'s.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,10 +25,10 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from latadj_jax import continuation, models, schedule, timing, workdir as wd
+from latadj_jax import continuation, models, schedule, timing
 from latadj_jax.data import fewshot as fs
 from latadj_jax.data import pipeline, text
-from latadj_jax.fewshot import PREDICTIONS, RESULTS, dataset_expected_speedup, output_dir
+from latadj_jax.fewshot import dataset_expected_speedup, output_dir, write_results
 from latadj_jax.models import llama
 
 
@@ -231,15 +230,6 @@ def evaluate_config(config, coeffs: Sequence[float] | None = None, out: str = ""
                 "runs, baseline = no elimination (k = 1); eval_seconds: all prompts, compiles included",
       "config": config.to_dict(),
       "rows": [{k: v for k, v in r.items() if k not in ("answers", "greedy")} for r in rows]}
-  wd.write_json(out_dir / RESULTS, result)
-  with open(out_dir / PREDICTIONS, "w") as f:
-    for i, it in enumerate(bench.items):
-      f.write(json.dumps({"task": it.task, "target": it.query.target,
-                          "shots": h.prompts.shots_used[i],
-                          "prompt_tokens": len(h.prompts.encoded.input_ids[i]),
-                          "by_coeff": {f"{r['coeff']:g}": {"answer": r["answers"][i],
-                                                           "greedy": r["greedy"][i]}
-                                       for r in rows}}) + "\n")
+  write_results(out_dir, result, bench, h.prompts, rows, {"answer": "answers", "greedy": "greedy"})
   print(format_table(result))
-  print(f"wrote {out_dir / RESULTS} and {out_dir / PREDICTIONS}")
   return result
