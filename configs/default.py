@@ -25,9 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.buckets = (32, 64, 128, 256, 512)   # candidate lengths; capped at max_len
   c.max_train_examples = 0         # 0: all
   c.max_eval_examples = 0
-  # Elimination: coeff k, and the profile: "acc" (measure), "flat", or "0.9,0.8,...".
+  # Elimination: coeff k, and the profile: "acc" (measure), "flat", or "0.9,0.8,...";
+  # "" measures too, but a run with init_from keeps that workdir's profile.
   c.coeff = 1.0
-  c.profile = "acc"
+  c.profile = ""
   c.profile_batches = 8
   c.profile_degree = 2
   # Which word-vectors survive at the keep counts: "score" (the method), or the
@@ -36,10 +37,21 @@ def get_config() -> ml_collections.ConfigDict:
   # Anytime training (latadj_jax/anytime.py): e.g. "0.8,0.9,1.0,1.1,1.2" trains one
   # model for every k in the range; empty trains at ``coeff`` alone.
   c.train_coeffs = ""
-  c.anytime_samples = 1            # middle coefficients drawn per step
+  # The teacher pass: "full" (live model, no elimination, on the labels: LAT), "frozen" (the
+  # init_from model, frozen, forward only: DynaBERT/OFA) or "largest" (largest k's schedule).
+  c.teacher = "largest"
+  c.anytime_always = ""            # students trained every step besides the smallest, e.g. "1.0"
+  c.anytime_samples = 2            # further students drawn per step from the other coefficients
+  c.student_dropout = True         # False: dropout on the teacher pass only
   c.distill_temperature = 1.0
   c.distill_weight = 1.0           # each student's distillation loss
   c.student_label_weight = 0.0     # each student's label loss
+  # Two stages: start from a fine-tuned workdir's chosen checkpoint (and its profile).
+  c.init_from = ""
+  # Checkpoint choice: evaluate at each of these k and keep the parameters with the best mean
+  # of the first task metric (workdir/best, best.json; eval.py takes them). Empty: the last.
+  c.select_coeffs = ""
+  c.eval_every = 0                 # > 0: also evaluate every this many steps
   # Optimisation.
   c.batch_size = 32
   c.eval_batch_size = 64

@@ -4,19 +4,30 @@ Offline tuning (METHOD.md section 6) promises any ``k`` at inference from one
 set of weights. A model trained at a single ``k`` only ever sees that
 schedule, so it degrades quickly below it. Anytime training shows the model the
 whole range, after the Length-Adaptive Transformer's LengthDrop (sandwich rule,
-in-place distillation) and slimmable / once-for-all networks:
+in-place distillation), DynaBERT and once-for-all networks. Each step runs:
 
-* the *teacher* is the largest coefficient's schedule (the least elimination);
-  it is trained on the labels;
-* the *smallest* coefficient's schedule is always trained, and ``num_sampled``
-  schedules drawn from the coefficients in between; these students are trained
-  on the teacher's predictions (distillation; the teacher side is
-  ``stop_gradient``), plus ``student_label_weight`` times the label loss.
+* a *teacher* pass, one of (``--config.teacher``)
+
+  - ``full``: the live model with no elimination, trained on the labels (LAT);
+  - ``frozen``: a separate frozen copy of the starting (stage-1) model with no
+    elimination, forward only, no dropout, no optimizer state (DynaBERT, OFA);
+    nothing is trained on the labels unless ``student_label_weight > 0``;
+  - ``largest``: the live model at the largest coefficient's schedule,
+    trained on the labels;
+
+* *student* passes, trained on the teacher's predictions (distillation; the
+  teacher side is ``stop_gradient``), plus ``student_label_weight`` times the
+  label loss: the smallest coefficient always, the ``always`` coefficients
+  (e.g. ``k = 1``, the one users pick most) always, and ``num_sampled`` drawn
+  from the rest (the largest is a student too unless it is the teacher).
+
+Dropout runs on the teacher pass; on the students only when
+``student_dropout`` (AttentiveNAS turns it off there).
 
 Every coefficient is a static keep-count schedule per bucket, so the set of
-compiled train steps is fixed: one per (bucket, sampled middle coefficients).
-The middle coefficients are drawn by a generator seeded with the step number,
-so a resumed run draws the same ones.
+compiled train steps is fixed: one per (bucket, draw of sampled coefficients).
+The draw is a function of the seed and the step number, so a resumed run draws
+the same ones.
 
 Distillation loss, per example: classification uses ``T^2 * KL(p_T || q_T)``
 with ``p_T``/``q_T`` the teacher/student softmax at temperature ``T``;
@@ -28,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,18 +47,31 @@ import optax
 
 from latadj_jax import schedule
 
+TEACHERS = ("full", "frozen", "largest")
+
 
 @dataclasses.dataclass(frozen=True)
 class AnytimeSpec:
-  """The coefficients of an anytime run and how their losses are weighted."""
-  coeffs: tuple[float, ...]        # ascending; coeffs[-1] is the teacher, coeffs[0] the smallest
-  num_sampled: int = 1             # middle coefficients drawn per step (without replacement)
+  """The coefficients of an anytime run, its teacher and how the losses are weighted."""
+  coeffs: tuple[float, ...]        # ascending; coeffs[0] is the smallest
+  num_sampled: int = 1             # coefficients drawn per step from ``pool`` (no replacement)
   temperature: float = 1.0
   distill_weight: float = 1.0      # weight of each student's distillation loss
   student_label_weight: float = 0.0  # weight of each student's label loss
+  teacher: str = "largest"         # one of TEACHERS
+  always: tuple[float, ...] = ()   # students trained every step besides the smallest
+  student_dropout: bool = True     # dropout on the student passes too
+
+  def __post_init__(self):
+    if self.teacher not in TEACHERS:
+      raise ValueError(f"unknown teacher {self.teacher!r}; --config.teacher is one of "
+                       f"{', '.join(TEACHERS)}")
+    stray = [k for k in self.always if k not in self.coeffs]
+    if stray:
+      raise ValueError(f"anytime_always {stray} must be among train_coeffs {list(self.coeffs)}")
 
   @property
-  def teacher(self) -> float:
+  def largest(self) -> float:
     return self.coeffs[-1]
 
   @property
@@ -55,19 +79,32 @@ class AnytimeSpec:
     return self.coeffs[0]
 
   @property
-  def middle(self) -> tuple[float, ...]:
-    return self.coeffs[1:-1]
+  def teacher_coeff(self) -> float | None:
+    """Returns the teacher's coefficient, or None when it eliminates nothing."""
+    return self.largest if self.teacher == "largest" else None
+
+  @property
+  def fixed_students(self) -> tuple[float, ...]:
+    """Returns the students of every step: the smallest, then the ``always`` ones."""
+    return (self.smallest,) + tuple(k for k in sorted(self.always)
+                                    if k not in (self.smallest, self.teacher_coeff))
+
+  @property
+  def pool(self) -> tuple[float, ...]:
+    """Returns the coefficients the sampled students are drawn from."""
+    return tuple(k for k in self.coeffs
+                 if k not in self.fixed_students and k != self.teacher_coeff)
 
   def draws(self) -> list[tuple[float, ...]]:
-    """Returns every set of middle coefficients a step may draw (the compiled variants)."""
-    n = min(self.num_sampled, len(self.middle))
-    return [tuple(c) for c in itertools.combinations(self.middle, n)]
+    """Returns every set of sampled coefficients a step may draw (the compiled variants)."""
+    n = min(self.num_sampled, len(self.pool))
+    return [tuple(c) for c in itertools.combinations(self.pool, n)]
 
   def draw(self, seed: int, step: int) -> tuple[float, ...]:
-    """Returns the middle coefficients of one step; a function of (seed, step) only."""
-    n = min(self.num_sampled, len(self.middle))
+    """Returns the sampled coefficients of one step; a function of (seed, step) only."""
+    n = min(self.num_sampled, len(self.pool))
     rnd = random.Random(seed * 1_000_003 + step)
-    return tuple(sorted(rnd.sample(self.middle, n)))
+    return tuple(sorted(rnd.sample(self.pool, n)))
 
 
 def parse_coeffs(value) -> tuple[float, ...]:
@@ -86,10 +123,14 @@ def spec_from_config(config) -> AnytimeSpec | None:
   coeffs = parse_coeffs(config.get("train_coeffs", ""))
   if not coeffs:
     return None
-  return AnytimeSpec(coeffs, num_sampled=int(config.get("anytime_samples", 1)),
+  always = config.get("anytime_always", "")
+  always = tuple(schedule.validate_coeff(v) for v in str(always).split(",") if v.strip())
+  return AnytimeSpec(coeffs, num_sampled=int(config.get("anytime_samples", 2)),
                      temperature=float(config.get("distill_temperature", 1.0)),
                      distill_weight=float(config.get("distill_weight", 1.0)),
-                     student_label_weight=float(config.get("student_label_weight", 0.0)))
+                     student_label_weight=float(config.get("student_label_weight", 0.0)),
+                     teacher=config.get("teacher", "largest"), always=always,
+                     student_dropout=bool(config.get("student_dropout", True)))
 
 
 def label_loss(logits_BxC: jax.Array, labels_B: jax.Array, is_regression: bool) -> jax.Array:
@@ -112,25 +153,35 @@ def distill_loss(teacher_BxC: jax.Array, student_BxC: jax.Array, is_regression: 
   return (t * t) * kl_B
 
 
-def loss_terms(params, batch: dict, rng: jax.Array, *, module, spec: AnytimeSpec,
-               schedules: dict[float, tuple[int, ...]], sampled: Sequence[float],
-               is_regression: bool) -> dict[str, jax.Array]:
-  """Returns the weighted loss sums of one (local) batch: the label term and each student's.
+def loss_terms(params, batch: dict, rng: jax.Array, frozen: Any = None, *, module,
+               spec: AnytimeSpec, schedules: dict[float, tuple[int, ...]],
+               sampled: Sequence[float], is_regression: bool) -> dict[str, jax.Array]:
+  """Returns the weighted loss sums of one (local) batch: the teacher's label term and each student's.
 
   ``schedules`` maps each coefficient to its keep counts for this batch's
-  bucket; ``sampled`` are this step's middle coefficients.
+  bucket; ``sampled`` are this step's drawn coefficients; ``frozen`` holds the
+  frozen teacher's parameters (``teacher="frozen"`` only).
   """
-  def logits_at(k: float, i: int) -> jax.Array:
-    return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                        batch["token_type_ids"], keep_counts=schedules[k], deterministic=False,
-                        rngs={"dropout": jax.random.fold_in(rng, i)})["logits"]
+  def logits_at(p, counts, i: int, dropout: bool) -> jax.Array:
+    return module.apply({"params": p}, batch["input_ids"], batch["attention_mask"],
+                        batch["token_type_ids"], keep_counts=counts, deterministic=not dropout,
+                        rngs={"dropout": jax.random.fold_in(rng, i)} if dropout else None)["logits"]
 
   w_B = batch["weights"]
-  teacher = logits_at(spec.teacher, 0)
-  terms = {"label": jnp.sum(label_loss(teacher, batch["labels"], is_regression) * w_B)}
-  students = [("smallest", spec.smallest)] + [(f"sampled{j}", k) for j, k in enumerate(sampled)]
+  terms = {}
+  if spec.teacher == "frozen":
+    if frozen is None:
+      raise ValueError("teacher='frozen' needs the frozen teacher's parameters")
+    teacher = jax.lax.stop_gradient(logits_at(frozen, None, 0, dropout=False))
+  else:
+    counts = None if spec.teacher == "full" else schedules[spec.largest]
+    teacher = logits_at(params, counts, 0, dropout=True)
+    terms["label"] = jnp.sum(label_loss(teacher, batch["labels"], is_regression) * w_B)
+  students = ([("smallest", spec.smallest)]
+              + [(f"always{j}", k) for j, k in enumerate(spec.fixed_students[1:])]
+              + [(f"sampled{j}", k) for j, k in enumerate(sampled)])
   for i, (name, k) in enumerate(students, start=1):
-    student = logits_at(k, i)
+    student = logits_at(params, schedules[k], i, dropout=spec.student_dropout)
     per_example = spec.distill_weight * distill_loss(teacher, student, is_regression,
                                                      spec.temperature)
     if spec.student_label_weight:

@@ -103,8 +103,11 @@ def parse_profile(value: Any, num_layers: int) -> tuple[float, ...] | None:
 
 def resolve_profile(config, workdir: Path, pre, train_enc, buckets, num_layers: int,
                     write: bool) -> tuple[float, ...]:
-  """Returns EP: stored (on resume), given in the config, or measured from ACC now.
+  """Returns EP: stored (on resume), given in the config, ``init_from``'s, or measured from ACC now.
 
+  ``config.profile``: ``"acc"`` measures, ``"flat"`` or ``"v1,...,vL"`` gives it,
+  ``""`` (the default) takes the ``init_from`` workdir's profile, or measures
+  when there is none.
   The measurement runs the starting model with no elimination on the first
   ``profile_batches`` shuffled training batches, then fits METHOD.md's curve.
   """
@@ -114,6 +117,8 @@ def resolve_profile(config, workdir: Path, pre, train_enc, buckets, num_layers: 
   if stored is not None:
     return stored
   ep = parse_profile(config.profile, num_layers)
+  if ep is None and not config.profile and config.get("init_from"):
+    ep = wd.load_profile(config.init_from)  # stage 2 keeps stage 1's profile unless one is given
   prof = None
   if ep is None:
     batches = []

@@ -28,7 +28,9 @@ from latadj_jax.data import pipeline
 
 
 class TrainState(train_state.TrainState):
-  pass
+  # A frozen teacher's parameters (anytime ``teacher="frozen"``): read by the loss, never
+  # differentiated, no optimizer state, not checkpointed (reloaded from ``init_from``).
+  frozen: Any = None
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
@@ -52,7 +54,8 @@ def loss_sums(params, batch, rng, *, module, keep_counts, is_regression) -> tupl
   return jnp.sum(per_example * batch["weights"]), jnp.sum(batch["weights"])
 
 
-def single_terms(params, batch, rng, *, module, keep_counts, is_regression) -> dict[str, jax.Array]:
+def single_terms(params, batch, rng, frozen=None, *, module, keep_counts,
+                 is_regression) -> dict[str, jax.Array]:
   """Returns the one loss term of training at a single coefficient."""
   return {"label": loss_sums(params, batch, rng, module=module, keep_counts=keep_counts,
                              is_regression=is_regression)[0]}
@@ -62,8 +65,9 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, terms: Callabl
                axis: str = "data") -> tuple[TrainState, dict]:
   """Returns the updated state and the global losses; runs per device inside ``shard_map``.
 
-  ``terms(params, batch, rng)`` returns named sums of weighted per-example
-  losses; the step minimises their total. Dividing each device's sums by the
+  ``terms(params, batch, rng, frozen)`` returns named sums of weighted
+  per-example losses; the step minimises their total. ``frozen`` (the state's
+  frozen teacher, or None) is a constant of the loss: it gets no gradient. Dividing each device's sums by the
   global weight (rather than averaging per-device means) keeps the result exact
   when padded rows (weight 0) are spread unevenly across devices: it equals the
   single-device step.
@@ -72,7 +76,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, terms: Callabl
   total_weight = jnp.maximum(jax.lax.psum(jnp.sum(batch["weights"]), axis), 1.0)
 
   def loss_fn(params):
-    parts = {name: v / total_weight for name, v in terms(params, batch, rng).items()}
+    parts = {name: v / total_weight
+             for name, v in terms(params, batch, rng, state.frozen).items()}
     return sum(parts.values()), parts
 
   (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -144,6 +149,10 @@ def _replicate(tree, mesh):
   return multihost.replicate(tree, mesh)
 
 
+# The eval metric that chooses the kept checkpoint: the mean dev metric over ``select_coeffs``.
+SELECT_KEY = "mean_over_k"
+
+
 @dataclasses.dataclass(frozen=True)
 class Loop:
   """What differs between the classifier's and the LM's training loops; ``run_loop`` does the rest."""
@@ -163,19 +172,24 @@ def check_batch_size(batch_size: int) -> None:
 
 
 def run_loop(config: ml_collections.ConfigDict, workdir: Path, apply_fn, params,
-             steps_per_epoch: int, loop: Loop, is_main: bool) -> tuple[TrainState, dict]:
+             steps_per_epoch: int, loop: Loop, is_main: bool,
+             frozen: Any = None) -> tuple[TrainState, dict]:
   """Trains data-parallel with logging, atomic checkpoints, resume and per-epoch eval.
 
   Returns the final state and the last eval metrics. Rerunning with the same
-  workdir resumes from the latest checkpoint.
+  workdir resumes from the latest checkpoint. Evaluates each epoch, every
+  ``config.eval_every`` steps when set, and at the end. When the eval metrics
+  hold ``SELECT_KEY`` (the mean dev metric over a k grid), the best-scoring
+  parameters are kept apart (``workdir.save_best``) and ``eval.py`` takes them.
   """
   total_steps = steps_per_epoch * config.num_epochs
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps)
   mesh = make_mesh()
   state = TrainState.create(apply_fn=apply_fn, params=params,
-                            tx=make_optimizer(config, total_steps))
+                            tx=make_optimizer(config, total_steps), frozen=frozen)
   manager = wd.checkpoint_manager(workdir, config.keep_checkpoints)
+  best_manager, best = None, wd.load_best(workdir)
   # Replicate first: orbax then restores straight onto every process's devices,
   # whatever the process count of the run that saved it.
   state = _replicate(state, mesh)
@@ -210,9 +224,16 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, apply_fn, params,
           _check_finite(pending["loss"], step, last_good, workdir)
           wd.save_checkpoint(manager, step, state)
           last_good = step
-        if step % steps_per_epoch == 0 and config.eval_every_epoch or step == total_steps:
+        eval_every = config.get("eval_every", 0)
+        if (step % steps_per_epoch == 0 and config.eval_every_epoch or step == total_steps
+            or eval_every and step % eval_every == 0):
           eval_metrics = loop.evaluate(state.params)
           logger.write(step, {f"eval_{k}": v for k, v in eval_metrics.items()})
+          score = eval_metrics.get(SELECT_KEY)
+          if score is not None and (best is None or score > best["score"]):
+            best = {"step": step, "score": score, "metrics": eval_metrics}
+            best_manager = best_manager or wd.checkpoint_manager(workdir, 1, wd.BEST)
+            wd.save_best(best_manager, workdir, state.params, best, write=is_main)
           if is_main:
             scores = json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})
             bar.write(f"step {step} (epoch {step / steps_per_epoch:.2f}) eval at coeff "
@@ -222,6 +243,8 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, apply_fn, params,
   finally:
     # A pending async save must land even when the run is interrupted.
     manager.wait_until_finished()
+    if best_manager is not None:
+      best_manager.wait_until_finished()
   bar.close()
   logger.close()
   return state, eval_metrics
@@ -267,6 +290,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   workdir = Path(workdir)
   schedule.validate_coeff(config.coeff)
   pre, tokenizer, task = profiling.load_model_and_task(config)
+  if config.get("init_from"):  # stage 2 starts from a fine-tuned (stage-1) workdir
+    pre.params = load_init(config.init_from, pre, task)
   train_enc, eval_enc = profiling.load_encoded(config, task, tokenizer)
   buckets = pipeline.make_buckets(config.max_len, base=tuple(config.buckets))
   is_main = jax.process_index() == 0
@@ -278,6 +303,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   check_batch_size(config.batch_size)
 
   spec = anytime.spec_from_config(config)
+  frozen = None
+  if spec is not None and spec.teacher == "frozen":
+    if not config.get("init_from"):
+      raise ValueError("--config.teacher=frozen distils from the stage-1 model: set "
+                       "--config.init_from=STAGE1_WORKDIR (or use --config.teacher=full)")
+    frozen = jax.tree.map(jnp.copy, pre.params)  # its own buffers: the live params are donated
   if spec is not None:
     make_step = functools.partial(make_anytime_step, module=pre.module, spec=spec, profile=ep,
                                   buckets=buckets, is_regression=task.is_regression,
@@ -296,11 +327,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       make_step=make_step,
       count=lambda batch: int(batch["weights"].sum()),
       unit="examples",
-      evaluate=lambda params: evaluate_at(config, pre, params, eval_enc, buckets, ep, task),
+      evaluate=functools.partial(evaluate_with_selection, config, pre, eval_enc, buckets, ep,
+                                 task, evaluate.ExecutableCache()),
       extra_log=lambda out, batch: {k: float(v) for k, v in out.items() if k != "loss"})
   steps_per_epoch = pipeline.num_batches(train_enc, config.batch_size, buckets)
   state, eval_metrics = run_loop(config, workdir, pre.module.apply, pre.params, steps_per_epoch,
-                                 loop, is_main)
+                                 loop, is_main, frozen=frozen)
   if config.eval_coeffs and is_main:  # timed on process 0's device alone
     report.sweep_and_report(config, pre, multihost.host_local(state.params), eval_enc, buckets,
                             ep, task, workdir)
@@ -319,12 +351,54 @@ def _check_finite(loss: jax.Array, step: int, last_good: int | None, workdir: Pa
   return value
 
 
-def evaluate_at(config, pre, params, eval_enc, buckets, ep, task) -> dict[str, float]:
-  """Returns the task metrics on the eval set at the training coefficient (every process calls it)."""
+def load_init(init_from: str, pre, task) -> Any:
+  """Returns the parameters of ``init_from``'s chosen checkpoint, checked against the model ``pre``."""
+  run = wd.load_run(init_from)
+  shape_keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
+                "num_attention_heads", "intermediate_size")
+  differ = {k: (run.hf_config.get(k), pre.hf_config.get(k)) for k in shape_keys
+            if run.hf_config.get(k) != pre.hf_config.get(k)}
+  stage1_labels = profiling.task_of(run.config).num_labels
+  if stage1_labels != task.num_labels:
+    differ["num_labels"] = (stage1_labels, task.num_labels)
+  if differ:
+    raise wd.WorkdirError(f"--config.init_from={init_from} holds another model: "
+                          + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in differ.items())
+                          + f". Set --config.model to that run's model ({run.config.model})")
+  params, step = wd.restore_params(run.workdir, pre.params)
+  print(f"init_from {run.workdir} (step {step})")
+  return params
+
+
+def evaluate_at(config, pre, params, eval_enc, buckets, ep, task, coeff: float | None = None,
+                cache: evaluate.ExecutableCache | None = None) -> dict[str, float]:
+  """Returns the task metrics on the eval set at ``coeff`` (default: the training one); all processes call it."""
   clf = evaluate.Classifier(pre.module, multihost.host_local(params), eval_enc, buckets,
                             config.eval_batch_size, pre.config.num_hidden_layers,
-                            model_id=str(config.model), dtype=config.dtype)
-  logits = clf.predict(evaluate.schedules_for(config.coeff, ep, buckets), across_processes=True)
+                            model_id=str(config.model), dtype=config.dtype,
+                            **({"cache": cache} if cache is not None else {}))
+  coeff = config.coeff if coeff is None else coeff
+  logits = clf.predict(evaluate.schedules_for(coeff, ep, buckets), across_processes=True)
   preds = evaluate.predictions(logits, task.is_regression)
   from latadj_jax import metrics
   return metrics.compute_metrics(task.metrics, preds, eval_enc.labels)
+
+
+def evaluate_with_selection(config, pre, eval_enc, buckets, ep, task, cache,
+                            params) -> dict[str, float]:
+  """Returns the metrics at the training coefficient and, with ``select_coeffs``, the k-grid mean.
+
+  The first task metric at each k of ``config.select_coeffs`` is added as
+  ``<metric>@<k>`` and their mean as ``SELECT_KEY``, which picks the kept
+  checkpoint (DynaBERT and once-for-all choose by the mean over sub-models).
+  """
+  out = evaluate_at(config, pre, params, eval_enc, buckets, ep, task, cache=cache)
+  grid = [schedule.validate_coeff(v) for v in str(config.get("select_coeffs", "")).split(",")
+          if v.strip()]
+  if grid:
+    name = task.metrics[0]
+    per_k = {f"{name}@{k:g}": evaluate_at(config, pre, params, eval_enc, buckets, ep, task, k,
+                                          cache)[name] for k in grid}
+    out.update(per_k)
+    out[SELECT_KEY] = sum(per_k.values()) / len(per_k)
+  return out

@@ -23,6 +23,8 @@ MODEL_CONFIG = "model_config.json"
 PROFILE = "profile.json"
 TOKENIZER = "tokenizer"
 CHECKPOINTS = "checkpoints"
+BEST = "best"              # the parameters chosen by the mean dev metric over a k grid
+BEST_JSON = "best.json"    # which step they are, and its scores
 
 
 class WorkdirError(ValueError):
@@ -95,11 +97,32 @@ def load_run(workdir: str | Path) -> Run:
   return Run(workdir, config, hf_config, profile)
 
 
-def checkpoint_manager(workdir: Path, keep: int = 2) -> ocp.CheckpointManager:
-  """Returns an orbax manager over ``workdir/checkpoints`` (async saves; keeps ``keep``)."""
+def checkpoint_manager(workdir: Path, keep: int = 2,
+                       folder: str = CHECKPOINTS) -> ocp.CheckpointManager:
+  """Returns an orbax manager over ``workdir/folder`` (async saves; keeps ``keep``)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=True)
-  return ocp.CheckpointManager((Path(workdir) / CHECKPOINTS).resolve(), options=options)
+  return ocp.CheckpointManager((Path(workdir) / folder).resolve(), options=options)
+
+
+def load_best(workdir: Path) -> dict | None:
+  """Returns ``best.json`` (step, score, metrics of the chosen checkpoint), or None."""
+  path = Path(workdir) / BEST_JSON
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save_best(manager: ocp.CheckpointManager, workdir: Path, params: Any, best: dict,
+              write: bool = True) -> None:
+  """Saves ``params`` as the chosen checkpoint, then records ``best`` in ``best.json``.
+
+  The JSON is written only once the parameters are committed, so it never
+  names a checkpoint that is not there.
+  """
+  manager.save(best["step"], args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
+               force=True)
+  manager.wait_until_finished()
+  if write:
+    write_json(Path(workdir) / BEST_JSON, best)
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
@@ -123,10 +146,15 @@ def restore_state(manager: ocp.CheckpointManager, state: Any) -> Any:
 
 
 def restore_params(workdir: Path, abstract_params: Any) -> tuple[Any, int]:
-  """Returns ``(params, step)`` of the latest checkpoint, or raises WorkdirError if there is none."""
-  path = Path(workdir) / CHECKPOINTS
+  """Returns ``(params, step)`` of the chosen checkpoint, or raises WorkdirError if there is none.
+
+  The chosen one is the best by the mean dev metric over a k grid when the run
+  selected (``best.json``), else the latest.
+  """
+  best = load_best(workdir)
+  path = Path(workdir) / (BEST if best else CHECKPOINTS)
   manager = ocp.CheckpointManager(path.resolve()) if path.is_dir() else None
-  step = manager.latest_step() if manager else None
+  step = (best["step"] if best else manager.latest_step()) if manager else None
   if step is None:
     raise WorkdirError(f"no checkpoint in {str(path)!r}: nothing to evaluate. "
                        f"Train first, or point --workdir at a finished run")

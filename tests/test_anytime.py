@@ -1,4 +1,4 @@
-"""Anytime training (one run, every k) and the survivor-rule ablation (issue 15)."""
+"""Anytime training (one run, every k; issues 15 and 22) and the survivor-rule ablation."""
 
 import json
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from latadj_jax import anytime, elimination, models, schedule, train
+from latadj_jax import anytime, elimination, models, schedule, train, workdir as wd
 from latadj_jax.models import bert
 
 from conftest import tiny_config
@@ -40,13 +40,24 @@ def test_spec_parsing_and_draws():
     anytime.parse_coeffs("0.9")
   with pytest.raises(ValueError, match="positive"):
     anytime.parse_coeffs("0.8,-1")
-  assert (SPEC.smallest, SPEC.teacher, SPEC.middle) == (0.6, 1.0, (0.8, 0.9))
+  assert (SPEC.smallest, SPEC.teacher_coeff, SPEC.pool) == (0.6, 1.0, (0.8, 0.9))
   assert SPEC.draws() == [(0.8,), (0.9,)]
   draws = [SPEC.draw(seed=0, step=s) for s in range(200)]
   assert set(draws) == {(0.8,), (0.9,)}                       # both middle coefficients get trained
   assert draws == [SPEC.draw(seed=0, step=s) for s in range(200)]  # a resumed run draws the same
   two = anytime.AnytimeSpec((0.8, 1.2))
   assert two.draws() == [()] and two.draw(0, 5) == ()
+  # A teacher that eliminates nothing makes the largest k a student; ``always`` ones leave the pool.
+  full = anytime.AnytimeSpec((0.8, 0.9, 1.0, 1.1, 1.2), num_sampled=2, teacher="full",
+                             always=(1.0,))
+  assert full.teacher_coeff is None
+  assert full.fixed_students == (0.8, 1.0) and full.pool == (0.9, 1.1, 1.2)
+  assert full.draws() == [(0.9, 1.1), (0.9, 1.2), (1.1, 1.2)]
+  assert {full.draw(0, s) for s in range(100)} == set(full.draws())
+  with pytest.raises(ValueError, match="teacher"):
+    anytime.AnytimeSpec((0.8, 1.2), teacher="biggest")
+  with pytest.raises(ValueError, match="anytime_always"):
+    anytime.AnytimeSpec((0.8, 1.2), always=(1.0,))
 
 
 def test_loss_terms_are_the_configured_losses():
@@ -111,20 +122,33 @@ def test_anytime_run_compiles_buckets_times_draws(tiny_model_dir, tiny_sst2_dir,
     built.append(step)
     return step
   monkeypatch.setattr(train, "make_anytime_step", spy)
+  # The LAT teacher (no elimination, on the labels), k = 1 always trained, one more drawn;
+  # the checkpoint kept is the best mean accuracy over k in {0.6, 1}, evaluated every 4 steps.
   config = tiny_config(tiny_model_dir, tiny_sst2_dir, coeff=1.0, num_epochs=2,
-                       train_coeffs="0.6,0.8,0.9,1.0", anytime_samples=1)
+                       train_coeffs="0.6,0.8,0.9,1.0", anytime_samples=1, teacher="full",
+                       anytime_always="1.0", select_coeffs="0.6,1.0", eval_every=4)
   metrics = train.train_and_evaluate(config, tmp_path)
   assert 0.0 <= metrics["accuracy"] <= 1.0
   (step,) = built
-  # 2 buckets x 2 draws of the middle coefficient; each executable compiled once over 18 steps.
+  # 2 buckets x 2 draws of the sampled coefficient; each executable compiled once over 18 steps.
   assert set(step.compiled) == {(b, (k,)) for b in (16, 32) for k in (0.8, 0.9)}
   assert all(fn._cache_size() == 1 for fn in step.compiled.values())
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   logged = [r for r in rows if "loss" in r]
   for r in logged:
-    assert {"loss_label", "loss_smallest", "loss_sampled0"} <= set(r)
-    assert r["loss"] == pytest.approx(r["loss_label"] + r["loss_smallest"] + r["loss_sampled0"],
-                                      rel=1e-5)
+    assert {"loss_label", "loss_smallest", "loss_always0", "loss_sampled0"} <= set(r)
+    assert r["loss"] == pytest.approx(r["loss_label"] + r["loss_smallest"] + r["loss_always0"]
+                                      + r["loss_sampled0"], rel=1e-5)
+  evals = [r for r in rows if "eval_mean_over_k" in r]
+  assert len(evals) >= 4
+  for r in evals:
+    assert r["eval_mean_over_k"] == pytest.approx(
+        (r["eval_accuracy@0.6"] + r["eval_accuracy@1"]) / 2)
+  best = wd.load_best(tmp_path)
+  first_best = max(evals, key=lambda r: (r["eval_mean_over_k"], -r["step"]))
+  assert (best["step"], best["score"]) == (first_best["step"], first_best["eval_mean_over_k"])
+  from latadj_jax import offline
+  assert offline.restore(tmp_path).step == best["step"]   # eval.py takes the chosen checkpoint
 
 
 def test_survivor_rules_keep_the_same_counts_but_different_tokens():

@@ -1,0 +1,128 @@
+"""Two-stage anytime training (issue 22): init_from, the teacher options, student dropout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from latadj_jax import anytime, profiling, schedule, train, workdir as wd
+from latadj_jax.data import pipeline
+from latadj_jax.models import bert
+
+from conftest import tiny_config
+from test_anytime import tiny_batch
+
+COEFFS = (0.6, 0.8, 0.9, 1.0)
+SCHED = {k: schedule.keep_counts(16, k, (0.8, 0.9)) for k in COEFFS}
+
+
+def dropout_bert(rate=0.3):
+  cfg = bert.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=rate,
+                        attention_probs_dropout_prob=rate, initializer_range=0.5)
+  module = bert.BertForSequenceClassification(cfg)
+  from latadj_jax import models
+  return module, models.init_params(module, lambda: (jnp.ones((1, 8), jnp.int32),))
+
+
+def terms_at(spec, module, params, batch, seed, frozen=None):
+  return anytime.loss_terms(params, batch, jax.random.PRNGKey(seed), frozen, module=module,
+                            spec=spec, schedules=SCHED, sampled=(0.9,), is_regression=False)
+
+
+@pytest.fixture(scope="module")
+def stage1(tiny_model_dir, tiny_sst2_dir, tmp_path_factory):
+  """Returns (workdir, params, profile) of a stage-1 run written by hand (no training to compile)."""
+  path = tmp_path_factory.mktemp("stage1")
+  config = tiny_config(tiny_model_dir, tiny_sst2_dir, coeff=1.0, profile="flat")
+  pre, tokenizer, _ = profiling.load_model_and_task(config)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: x + jnp.asarray(rng.normal(0, 0.1, x.shape), x.dtype),
+                        pre.params)
+  wd.save_metadata(path, config, pre.hf_config, tokenizer)
+  ep = (0.9, 0.8, 0.7)
+  wd.save_profile(path, None, ep, {}, 1.0)
+  manager = wd.checkpoint_manager(path)
+  wd.save_checkpoint(manager, 7, train.TrainState.create(apply_fn=pre.module.apply, params=params,
+                                                         tx=optax.sgd(0.1)))
+  manager.wait_until_finished()
+  return path, params, ep
+
+
+def test_init_from_loads_exactly_the_stage1_parameters_and_profile(stage1, tiny_model_dir,
+                                                                    tiny_sst2_dir, tmp_path):
+  path, params, ep = stage1
+  config = tiny_config(tiny_model_dir, tiny_sst2_dir, init_from=str(path), profile="")
+  pre, _, task = profiling.load_model_and_task(config)
+  loaded = train.load_init(config.init_from, pre, task)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded),
+                                                       jax.tree.leaves(pre.params)))
+  buckets = pipeline.make_buckets(config.max_len, base=tuple(config.buckets))
+  resolve = lambda c: profiling.resolve_profile(c, tmp_path / c.profile, pre, None, buckets, 3,
+                                                write=False)
+  assert resolve(config) == ep                    # the stage-1 profile, unless one is given
+  config.profile = "flat"
+  assert resolve(config) == (1.0, 1.0, 1.0)
+  other = tiny_config(tiny_model_dir, tiny_sst2_dir, init_from=str(path), num_labels=3)
+  pre3, _, task3 = profiling.load_model_and_task(other)
+  with pytest.raises(wd.WorkdirError, match="num_labels 2 there, 3 here"):
+    train.load_init(other.init_from, pre3, task3)
+
+
+def test_frozen_teacher_gets_no_gradient_and_no_optimizer_state():
+  module, params = dropout_bert(0.0)
+  frozen = jax.tree.map(lambda x: 1.3 * x, params)  # another model than the live one
+  batch = tiny_batch()
+  spec = anytime.AnytimeSpec(COEFFS, teacher="frozen", always=(1.0,))
+  terms = terms_at(spec, module, params, batch, 0, frozen)
+  assert set(terms) == {"smallest", "always0", "sampled0"}   # nothing on the labels
+  teacher = module.apply({"params": frozen}, batch["input_ids"], batch["attention_mask"],
+                         batch["token_type_ids"])["logits"]     # no elimination
+  student = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         batch["token_type_ids"], keep_counts=SCHED[0.6])["logits"]
+  np.testing.assert_allclose(terms["smallest"],
+                             anytime.distill_loss(teacher, student, False).sum(), rtol=1e-5)
+  grads = jax.grad(lambda f: sum(terms_at(spec, module, params, batch, 0, f).values()))(frozen)
+  assert not any(np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
+
+  mesh = train.make_mesh()
+  tx = optax.adam(1e-2)
+  state = train._replicate(train.TrainState.create(
+      apply_fn=module.apply, params=params, tx=tx, frozen=jax.tree.map(jnp.copy, frozen)), mesh)
+  assert jax.tree.structure(state.opt_state) == jax.tree.structure(tx.init(params))
+  step = train.make_anytime_step(mesh, module=module, spec=spec, profile=(0.8, 0.9), buckets=(16,),
+                                 is_regression=False, seed=0)
+  host = jax.tree.map(np.asarray, batch)
+  for _ in range(2):
+    state, out = step(state, host, jax.random.PRNGKey(0))
+  for a, b in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(frozen)):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.params),
+                                                   jax.tree.leaves(params)))
+  assert float(out["loss"]) > 0
+
+
+def test_dropout_is_off_on_student_passes_when_asked():
+  module, params = dropout_bert(0.3)
+  frozen = jax.tree.map(lambda x: 1.3 * x, params)
+  batch = tiny_batch()
+  for student_dropout in (True, False):
+    spec = anytime.AnytimeSpec(COEFFS, teacher="frozen", student_dropout=student_dropout)
+    a, b = (terms_at(spec, module, params, batch, seed, frozen) for seed in (0, 1))
+    same = [np.allclose(a[n], b[n]) for n in ("smallest", "sampled0")]
+    assert same == [not student_dropout] * 2
+  # The live teacher keeps its dropout either way.
+  spec = anytime.AnytimeSpec(COEFFS, teacher="full", student_dropout=False)
+  a, b = (terms_at(spec, module, params, batch, seed) for seed in (0, 1))
+  assert not np.allclose(a["label"], b["label"])
+
+
+def test_frozen_teacher_without_init_from_fails_with_the_fix(tiny_model_dir, tiny_sst2_dir,
+                                                             tmp_path):
+  config = tiny_config(tiny_model_dir, tiny_sst2_dir, coeff=1.0, profile="flat",
+                       train_coeffs="0.8,1.0", teacher="frozen")
+  with pytest.raises(ValueError, match="init_from=STAGE1_WORKDIR"):
+    train.train_and_evaluate(config, tmp_path)
