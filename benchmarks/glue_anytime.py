@@ -1,8 +1,8 @@
-"""Accuracy across the offline-tuning range: no elimination, trained at k = 1, anytime (issue 15).
+"""Accuracy across the offline-tuning range: no elimination, trained at k = 1, anytime (issues 15, 22).
 
-    python benchmarks/glue_anytime.py --task sst2                         # full SST-2 training set
-    python benchmarks/glue_anytime.py --task sst2 --max_train_examples 20000 --tag 20k
-    python benchmarks/glue_anytime.py --task stsb --epochs 3
+    python benchmarks/glue_anytime.py --task sst2 --modes base,elim_k1,s2_full,s2_frozen,s2_largest,s2_full_flat
+    python benchmarks/glue_anytime.py --task sst2 --max_train_examples 20000 --tag 20k --modes base,elim_k1,anytime
+    python benchmarks/glue_anytime.py --task stsb --epochs 3 --stage2_epochs 2 --modes base,elim_k1,s2_full
     python benchmarks/glue_anytime.py --task sst2 --modes first,random    # the Table VII ablation
 
 Each mode is one ``train.py`` run of MiniLM with the same data, seed and recipe
@@ -11,7 +11,14 @@ buckets 32/64):
 
 * ``base``: no elimination (flat profile, k = 1);
 * ``elim_k1``: the ACC profile, trained at k = 1 alone;
-* ``anytime``: the ACC profile, trained for every k of ``--train_coeffs`` at once;
+* ``anytime``: the ACC profile, trained for every k of ``--train_coeffs`` at once
+  from the pretrained model, teacher = the largest k (issue 15's recipe);
+* ``s2_full`` / ``s2_frozen`` / ``s2_largest``: stage 2, from the ``base``
+  workdir (``--config.init_from``), ``--stage2_epochs`` epochs, anytime with
+  that teacher, ``k = 1`` always trained plus ``--anytime_samples`` drawn, the
+  ``elim_k1`` run's profile (so equal k means equal keep counts), and the
+  checkpoint chosen by the mean dev metric over the sweep grid;
+* ``s2_full_flat``: as ``s2_full`` with the flat profile, over flat k 0.6 ... 1;
 * ``first`` / ``random``: trained and evaluated at k = 1 with the ``first`` or
   ``random`` survivor rule instead of the score (paper Table VII).
 
@@ -29,6 +36,7 @@ Finished workdirs under ``--root`` are reused, not retrained.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -43,10 +51,16 @@ CONFIGS = {"sst2": "glue_sst2", "stsb": "glue_stsb", "cola": "glue_cola", "imdb"
 MODES = {  # mode -> train.py overrides
     "base": ["--config.coeff=1", "--config.profile=flat"],
     "elim_k1": ["--config.coeff=1", "--config.profile=acc"],
-    "anytime": ["--config.coeff=1", "--config.profile=acc"],
+    "anytime": ["--config.coeff=1", "--config.profile=acc", "--config.teacher=largest",
+                "--config.anytime_samples=1"],
+    "s2_full": ["--config.coeff=1", "--config.teacher=full"],
+    "s2_frozen": ["--config.coeff=1", "--config.teacher=frozen"],
+    "s2_largest": ["--config.coeff=1", "--config.teacher=largest"],
+    "s2_full_flat": ["--config.coeff=1", "--config.teacher=full", "--config.profile=flat"],
     "first": ["--config.coeff=1", "--config.profile=acc", "--config.survivors=first"],
     "random": ["--config.coeff=1", "--config.profile=acc", "--config.survivors=random"],
 }
+FLAT_MODES = ("base", "s2_full_flat")  # swept (and trained) over flat k, which never exceeds 1
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -72,6 +86,7 @@ def finished(workdir: Path) -> bool:
 
 def train(args, mode: str) -> dict:
   """Trains one mode (or reuses its finished workdir); returns its summary."""
+  from latadj_jax import workdir as wd
   workdir = args.root / mode
   cmd = [sys.executable, "train.py", f"--config={CONFIGS[args.task]}",
          f"--config.model={args.model}", f"--config.data_dir={args.data_dir}",
@@ -81,8 +96,17 @@ def train(args, mode: str) -> dict:
          "--config.batch_size=32", "--config.progress=false", "--config.log_every=100",
          f"--config.seed={args.seed}", *MODES[mode], f"--workdir={workdir}"]
   if mode == "anytime":
-    cmd += [f"--config.train_coeffs={args.train_coeffs}",
-            f"--config.anytime_samples={args.anytime_samples}"]
+    cmd += [f"--config.train_coeffs={args.train_coeffs}"]
+  if mode.startswith("s2_"):
+    flat = mode in FLAT_MODES
+    grid = args.flat_sweep if flat else args.sweep
+    cmd += [f"--config.init_from={args.root / 'base'}", f"--config.num_epochs={args.stage2_epochs}",
+            f"--config.train_coeffs={args.flat_train_coeffs if flat else args.train_coeffs}",
+            f"--config.anytime_samples={args.anytime_samples}", "--config.anytime_always=1.0",
+            f"--config.select_coeffs={grid}", f"--config.eval_every={args.eval_every}"]
+    if not flat:  # the k = 1 model's profile: at equal k, equal keep counts
+      ep = json.loads((args.root / "elim_k1" / "profile.json").read_text())["ep"]
+      cmd.append(f"--config.profile={','.join(f'{e:.6f}' for e in ep)}")
   wall = None
   if finished(workdir):
     print(f"reusing finished run {workdir}")
@@ -99,6 +123,7 @@ def train(args, mode: str) -> dict:
       "wall_seconds": wall if wall is not None else
                       (workdir / "metrics.jsonl").stat().st_mtime - (workdir / "config.json").stat().st_mtime,
       "profile": json.loads((workdir / "profile.json").read_text()).get("ep"),
+      "selected": wd.load_best(workdir),  # the checkpoint chosen by the mean over the k grid
   }
 
 
@@ -111,13 +136,13 @@ def sweep(args, mode: str, coeffs: str, cache_dir: Path | None = None, tag: str 
   return {"wall_seconds": wall, **json.loads((workdir / "eval_results.json").read_text())}
 
 
-def cache_check(args, coeffs: str) -> dict:
-  """Sweeps the anytime model in two fresh processes sharing one new compilation cache."""
+def cache_check(args, mode: str, coeffs: str) -> dict:
+  """Sweeps one mode's model in two fresh processes sharing one new compilation cache."""
   import shutil
   cache = args.root / "xla_cache_check"
   shutil.rmtree(cache, ignore_errors=True)
-  first = sweep(args, "anytime", coeffs, cache, "_cache1")
-  second = sweep(args, "anytime", coeffs, cache, "_cache2")
+  first = sweep(args, mode, coeffs, cache, "_cache1")
+  second = sweep(args, mode, coeffs, cache, "_cache2")
   return {name: {"wall_seconds": r["wall_seconds"], **r.get("cache", {})}
           for name, r in (("first", first), ("second", second))}
 
@@ -134,53 +159,66 @@ def fixed_length_sweep(workdir: Path, coeffs: str, repeats: int) -> list[dict]:
                   r.task.is_regression, time_repeats=repeats, progress=False)
 
 
-def step_time_ratio(args, rounds: int = 8, steps: int = 5) -> dict:
-  """Times the k = 1 and the anytime train steps (bucket 32, batch 32) interleaved in one process."""
+def step_time_ratio(args, teachers: list[str], rounds: int = 8, steps: int = 5) -> dict:
+  """Times the k = 1 step and each anytime teacher's step (bucket 32, batch 32), interleaved, in one process."""
   import jax
+  import jax.numpy as jnp
   import numpy as np
   from latadj_jax import anytime, config_lib, profiling, schedule, train
-  profile = tuple(json.loads((args.root / "anytime" / "profile.json").read_text())["ep"])
+  profile = tuple(json.loads((args.root / "elim_k1" / "profile.json").read_text())["ep"])
   config = config_lib.load(CONFIGS[args.task])
   config.model, config.learning_rate = args.model, args.lr
   pre, _, task = profiling.load_model_and_task(config)
   mesh = train.make_mesh()
-  spec = anytime.AnytimeSpec(anytime.parse_coeffs(args.train_coeffs), args.anytime_samples)
-  k1 = train.compiled_step(mesh, pre.module, schedule.keep_counts(32, 1.0, profile),
-                           task.is_regression)
-  any_step = train.make_anytime_step(mesh, module=pre.module, spec=spec, profile=profile,
-                                     buckets=(32,), is_regression=task.is_regression, seed=0)
   rng = np.random.default_rng(0)
   batch = dict(input_ids=rng.integers(1000, 5000, (32, 32)).astype(np.int32),
                attention_mask=np.ones((32, 32), np.int32), token_type_ids=np.zeros((32, 32), np.int32),
                labels=rng.integers(0, 2, 32).astype(np.int32) if not task.is_regression
                else rng.random(32).astype(np.float32), weights=np.ones(32, np.float32))
-  times = {"k1": [], "anytime": []}
+  k1 = train.compiled_step(mesh, pre.module, schedule.keep_counts(32, 1.0, profile),
+                           task.is_regression)
+  fns = {"k1": (lambda s: k1(s, train.shard_batch(batch, mesh), jax.random.PRNGKey(0)), 1, False)}
+  for teacher in teachers:
+    spec = anytime.AnytimeSpec(anytime.parse_coeffs(args.train_coeffs), args.anytime_samples,
+                               teacher=teacher, always=(1.0,))
+    step = train.make_anytime_step(mesh, module=pre.module, spec=spec, profile=profile,
+                                   buckets=(32,), is_regression=task.is_regression, seed=0)
+    fns[teacher] = (functools.partial(lambda step, s: step(s, batch, jax.random.PRNGKey(0)), step),
+                    len(spec.draws()), teacher == "frozen")
+  times = {name: [] for name in fns}
   states = {}
-  for name, fn in (("k1", lambda s: k1(s, train.shard_batch(batch, mesh), jax.random.PRNGKey(0))),
-                   ("anytime", lambda s: any_step(s, batch, jax.random.PRNGKey(0)))):
+  for name, (fn, draws, frozen) in fns.items():
     state = train._replicate(train.TrainState.create(
-        apply_fn=pre.module.apply, params=pre.params, tx=train.make_optimizer(config, 1000)), mesh)
-    for _ in range(len(spec.draws()) * 3):  # compile every draw before timing
+        apply_fn=pre.module.apply, params=jax.tree.map(jnp.copy, pre.params),
+        tx=train.make_optimizer(config, 1000),
+        frozen=jax.tree.map(jnp.copy, pre.params) if frozen else None), mesh)
+    for _ in range(draws * 3):  # compile every draw before timing
       state, out = fn(state)
     jax.block_until_ready(out)
-    states[name] = (state, fn)
+    states[name] = state
   for _ in range(rounds):
-    for name, (state, fn) in states.items():
+    for name, (fn, _, _) in fns.items():
+      state = states[name]
       t0 = time.perf_counter()
       for _ in range(steps):
         state, out = fn(state)
       jax.block_until_ready(out)
       times[name].append((time.perf_counter() - t0) / steps)
-      states[name] = (state, fn)
+      states[name] = state
   med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
   return {"bucket": 32, "batch": 32, "rounds": rounds, "steps_per_round": steps,
-          "k1_step_ms": 1e3 * med["k1"], "anytime_step_ms": 1e3 * med["anytime"],
-          "ratio": med["anytime"] / med["k1"]}
+          "anytime_samples": args.anytime_samples, "always": [1.0],
+          "step_ms": {k: 1e3 * v for k, v in med.items()},
+          "ratio_to_k1": {k: v / med["k1"] for k, v in med.items() if k != "k1"}}
 
 
 LABELS = {"base": "no elimination in training (flat profile at eval)",
           "elim_k1": "trained at k = 1 (ACC profile)",
-          "anytime": "anytime, k = 0.8 ... 1.2 (ACC profile)"}
+          "anytime": "anytime from pretrained, teacher largest k (ACC)",
+          "s2_full": "stage 2, teacher: no elimination (ACC)",
+          "s2_frozen": "stage 2, teacher: frozen stage 1 (ACC)",
+          "s2_largest": "stage 2, teacher: largest k (ACC)",
+          "s2_full_flat": "stage 2, teacher: no elimination (flat)"}
 
 
 def plot(result: dict, metric: str, out: Path) -> None:
@@ -214,8 +252,12 @@ def main() -> None:
   p.add_argument("--buckets", default="32,64")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--train_coeffs", default="0.8,0.9,1.0,1.1,1.2")
-  p.add_argument("--anytime_samples", type=int, default=1)
-  p.add_argument("--sweep", default="0.8,0.85,0.9,0.95,1.0,1.1,1.2")
+  p.add_argument("--anytime_samples", type=int, default=2)
+  p.add_argument("--flat_train_coeffs", default="0.6,0.7,0.8,0.9,1.0")
+  p.add_argument("--stage2_epochs", type=int, default=1)
+  p.add_argument("--eval_every", type=int, default=500, help="stage 2: steps between selection evals")
+  p.add_argument("--sweep", default="0.7,0.8,0.85,0.9,0.95,1.0,1.1,1.2")
+  p.add_argument("--flat_sweep", default="0.6,0.65,0.7,0.75,0.8,0.85,0.9,0.95,1.0")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--tag", default="")
   p.add_argument("--root", type=Path, default=None)
@@ -241,20 +283,25 @@ def main() -> None:
   for mode in modes:
     result["train"][mode] = train(args, mode)
     # The ablation compares survivor rules at the score model's counts, k = 0.9 and 1.
-    coeffs = "0.9,1.0" if mode in ("first", "random") else args.sweep
+    coeffs = ("0.9,1.0" if mode in ("first", "random") else
+              args.flat_sweep if mode in FLAT_MODES else args.sweep)
     result["sweeps"][mode] = sweep(args, mode, coeffs)["rows"]
     out.write_text(json.dumps(result, indent=2) + "\n")
-  if "anytime" in modes:
+  anytime_modes = [m for m in modes if m == "anytime" or m.startswith("s2_")]
+  if anytime_modes:  # the first anytime mode asked for stands for the fixed-length and cache checks
+    lead = anytime_modes[0]
     result["fixed_length"] = {
+        "mode": lead,
         "note": f"every example padded to max_len {args.max_len} (the paper's setting); these "
                 "gains include eliminating padding",
-        "rows": fixed_length_sweep(args.root / "anytime", args.sweep, args.repeats)}
+        "rows": fixed_length_sweep(args.root / lead, args.sweep, args.repeats)}
     if not args.skip_timing:
-      result["train_step_time"] = step_time_ratio(args)
-      result["executable_cache"] = cache_check(args, args.sweep)
+      teachers = [MODES[m][1].split("=")[1] for m in anytime_modes if m.startswith("s2_")]
+      result["train_step_time"] = step_time_ratio(args, sorted(set(teachers)) or ["largest"])
+      result["executable_cache"] = cache_check(args, lead, args.sweep)
   out.write_text(json.dumps(result, indent=2) + "\n")
   metric = next(k for k in ("accuracy", "pearson", "mcc") if k in result["sweeps"][modes[0]][0])
-  curves = {m: r for m, r in result["sweeps"].items() if m in ("base", "elim_k1", "anytime")}
+  curves = {m: r for m, r in result["sweeps"].items() if m in LABELS}
   if curves:
     plot({**result, "sweeps": curves}, metric, out.with_suffix(".png"))
   print(f"wrote {out}")

@@ -58,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.learning_rate = 2e-5
   c.weight_decay = 0.01
   c.warmup_ratio = 0.06
+  c.max_grad_norm = 0.0            # > 0: clip the gradient's global norm (HF Trainer: 1.0)
   c.num_epochs = 3
   c.max_steps = -1                 # > 0 stops early
   c.seed = 0

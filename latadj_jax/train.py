@@ -34,15 +34,21 @@ class TrainState(train_state.TrainState):
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """Returns AdamW with linear warmup then linear decay; no weight decay on biases and LayerNorm."""
+  """Returns AdamW with linear warmup then linear decay; no weight decay on biases and LayerNorm.
+
+  With ``config.max_grad_norm > 0`` the gradient is first clipped to that
+  global norm, as HF's ``Trainer`` does (its default is 1.0).
+  """
   warmup = int(config.warmup_ratio * total_steps)
   lr = optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)),
                              optax.linear_schedule(config.learning_rate, 0.0,
                                                    max(total_steps - warmup, 1))], [warmup])
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: path[-1].key not in ("bias", "scale"), params)
-  return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay,
-                     mask=decay_mask)
+  adamw = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay,
+                      mask=decay_mask)
+  clip = config.get("max_grad_norm", 0.0)
+  return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
 
 
 def loss_sums(params, batch, rng, *, module, keep_counts, is_regression) -> tuple[jax.Array, jax.Array]:

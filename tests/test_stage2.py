@@ -126,3 +126,27 @@ def test_frozen_teacher_without_init_from_fails_with_the_fix(tiny_model_dir, tin
                        train_coeffs="0.8,1.0", teacher="frozen")
   with pytest.raises(ValueError, match="init_from=STAGE1_WORKDIR"):
     train.train_and_evaluate(config, tmp_path)
+
+
+def test_max_grad_norm_clips_the_global_norm_before_adamw():
+  from configs import default
+  config = default.get_config()
+  params = {"w": jnp.ones((3, 2)), "bias": jnp.zeros(2)}
+  grads = [jax.tree.map(lambda x: 10.0 * jnp.ones_like(x), params),  # global norm sqrt(8) * 10
+           jax.tree.map(lambda x: 0.1 * jnp.ones_like(x), params)]   # under the threshold
+  def updates(tx, gs):
+    state, out = tx.init(params), []
+    for g in gs:
+      u, state = tx.update(g, state, params)
+      out.append(u)
+    return out
+  config.max_grad_norm = 1.0
+  clipped = updates(train.make_optimizer(config, 100), grads)
+  config.max_grad_norm = 0.0
+  plain = train.make_optimizer(config, 100)
+  by_hand = updates(plain, [jax.tree.map(lambda x: x / optax.global_norm(g), g) if
+                            optax.global_norm(g) > 1 else g for g in grads])
+  for a, b in zip(jax.tree.leaves(clipped), jax.tree.leaves(by_hand)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  unclipped = updates(plain, grads)
+  assert not np.allclose(jax.tree.leaves(clipped[1])[0], jax.tree.leaves(unclipped[1])[0])
