@@ -94,7 +94,8 @@ def train(args, mode: str) -> dict:
          f"--config.num_epochs={args.epochs}", f"--config.learning_rate={args.lr}",
          f"--config.max_len={args.max_len}", f"--config.buckets={args.buckets}",
          "--config.batch_size=32", "--config.progress=false", "--config.log_every=100",
-         f"--config.seed={args.seed}", *MODES[mode], f"--workdir={workdir}"]
+         f"--config.seed={args.seed}", f"--config.max_grad_norm={args.max_grad_norm}",
+         *MODES[mode], f"--workdir={workdir}"]
   if mode == "anytime":
     cmd += [f"--config.train_coeffs={args.train_coeffs}"]
   if mode.startswith("s2_"):
@@ -251,6 +252,7 @@ def main() -> None:
   p.add_argument("--max_len", type=int, default=64)
   p.add_argument("--buckets", default="32,64")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--max_grad_norm", type=float, default=0.0, help="> 0: clip as HF's Trainer (1.0)")
   p.add_argument("--train_coeffs", default="0.8,0.9,1.0,1.1,1.2")
   p.add_argument("--anytime_samples", type=int, default=2)
   p.add_argument("--flat_train_coeffs", default="0.6,0.7,0.8,0.9,1.0")
