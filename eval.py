@@ -21,7 +21,7 @@ measures it first in the same run.
 import argparse
 from pathlib import Path
 
-from latadj_jax import cli, config_lib
+from latadj_jax.runtime import cli, config_lib
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -57,13 +57,14 @@ def main(argv: list[str]) -> int:
   if not args.workdir:
     raise ValueError("pass --workdir=DIR (a run trained with train.py) or --config=NAME "
                      "(a training-free few-shot run: flan_t5_mmlu or flan_t5_bbh)")
-  from latadj_jax import offline, targets, workdir as wd
+  from latadj_jax.runtime import workdir as wd
+  from latadj_jax.tuning import offline, targets
   # Fail on a bad flag value before any work.
   speedup = None if args.speedup is None else targets.validate_speedup(args.speedup)
   latency = None if args.latency_ms is None else targets.validate_latency_ms(args.latency_ms)
   coeffs = offline.parse_coeffs(args.coeff or "1.0")
   run = wd.load_run(args.workdir)                 # ... and on a workdir with nothing in it
-  from latadj_jax import evaluate
+  from latadj_jax.tuning import evaluate
   evaluate.setup_compilation_cache(args.cache_dir or Path(args.workdir) / "xla_cache")
   if run.config.get("task") == "lm":
     return _evaluate_lm(args, coeffs)
@@ -92,7 +93,7 @@ def _evaluate_lm(args: argparse.Namespace, coeffs: list[float]) -> int:
   if args.speedup is not None or args.latency_ms is not None or args.calibrate:
     raise ValueError("--speedup, --latency_ms and --calibrate are for classifiers; "
                      "evaluate a language model with --coeff")
-  from latadj_jax import lm_eval
+  from latadj_jax.tasks import lm_eval
   lm_eval.evaluate_workdir(args.workdir, coeffs, split=args.split, batch_size=args.batch_size,
                            max_examples=args.max_examples, profile=args.profile,
                            time_repeats=args.repeats, lambada=args.lambada)
@@ -108,20 +109,20 @@ def _evaluate_config(name: str, overrides: list[str], argv: list[str]) -> int:
   p.add_argument("--repeats", type=int, default=0, help="timed runs per schedule (default: config's)")
   args = p.parse_args(argv)
   config = config_lib.override(config_lib.load(name), overrides)
-  from latadj_jax import offline
+  from latadj_jax.tuning import offline
   coeffs = offline.parse_coeffs(args.coeff) if args.coeff else None
   if config.get("task") == "continuation":  # a pretrained causal LM: continuation NLL per k
-    from latadj_jax import continuation
+    from latadj_jax.tasks import continuation
     continuation.evaluate_config(config, coeffs, out=args.out, time_repeats=args.repeats)
     return 0
   if config.get("task") == "fewshot_lm":  # a pretrained causal LM: few-shot letters per k
-    from latadj_jax import fewshot_lm
+    from latadj_jax.tasks import fewshot_lm
     fewshot_lm.evaluate_config(config, coeffs, out=args.out, time_repeats=args.repeats)
     return 0
   if "benchmark" not in config:
     raise config_lib.ConfigError(f"config {name!r} needs training: python train.py --config={name}, "
                                  f"then python eval.py --workdir=DIR")
-  from latadj_jax import fewshot
+  from latadj_jax.tasks import fewshot
   fewshot.evaluate_config(config, coeffs, out=args.out, time_repeats=args.repeats)
   return 0
 

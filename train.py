@@ -2,13 +2,13 @@
 
     python train.py --config=glue_sst2 [--workdir=DIR] [--config.coeff=0.9 ...]
 
-This file is intentionally short: the loop lives in ``latadj_jax.train``.
+This file is intentionally short: the loop lives in ``latadj_jax.training``.
 """
 
 import argparse
 from pathlib import Path
 
-from latadj_jax import cli, config_lib
+from latadj_jax.runtime import cli, config_lib
 
 
 def main(argv: list[str]) -> int:
@@ -23,10 +23,14 @@ def main(argv: list[str]) -> int:
   config = config_lib.override(config_lib.load(name), overrides)
   workdir = Path(args.workdir or Path("workdirs") / config.name)
   print(f"workdir: {workdir}")
-  from latadj_jax import checkpoints, train  # after argument checks: importing JAX takes seconds
   from latadj_jax.data import sources
+  from latadj_jax.models import checkpoints
+  # After the argument checks: importing JAX takes seconds. Causal LMs train on their survivors'
+  # next-token loss (training.lm), classifiers on the labels (training.classifier).
+  from latadj_jax.training import classifier, lm
+  trainer = lm if config.get("task") == "lm" else classifier
   try:
-    train.train_and_evaluate(config, workdir)
+    trainer.train_and_evaluate(config, workdir)
   except (checkpoints.CheckpointError, sources.DataUnavailableError) as e:
     if "hub" not in str(e):  # a bad local file or path: its message names the fix
       raise

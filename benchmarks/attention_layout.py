@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from latadj_jax import timing, workdir as wd
 from latadj_jax.models import attention
+from latadj_jax.runtime import timing
+from latadj_jax.runtime import workdir as wd
 
 H, K = 12, 64
 SHAPES = ((1, 128), (8, 128), (32, 128), (8, 512))

@@ -3,7 +3,7 @@
 Both models hold the same random BERT-base weights (HF's init, seed 0, copied
 into ours) and run in one process on the same inputs (every token valid):
 warm, runs interleaved round-robin, median of the rounds (see
-``latadj_jax.timing.interleaved_medians``). PyTorch runs eager under
+``latadj_jax.runtime.timing.interleaved_medians``). PyTorch runs eager under
 ``torch.inference_mode()`` with its default attention (SDPA) and thread count;
 both produce the last hidden state and the pooler output.
 
@@ -34,8 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latadj_jax import checkpoints, schedule, timing, workdir as wd
-from latadj_jax.models import bert
+from latadj_jax.core import schedule
+from latadj_jax.models import bert, checkpoints
+from latadj_jax.runtime import timing
+from latadj_jax.runtime import workdir as wd
 
 QUICKSTART_EP = (0.739, 0.792, 0.832, 0.911, 1.0, 1.0)  # README quickstart, 6-layer MiniLM
 

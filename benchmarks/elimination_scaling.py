@@ -37,8 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latadj_jax import elimination, schedule, timing, workdir as wd
+from latadj_jax.core import elimination, schedule
 from latadj_jax.models import bert
+from latadj_jax.runtime import timing
+from latadj_jax.runtime import workdir as wd
 
 sys.path.insert(0, str(Path(__file__).parent))
 from compare_pytorch import QUICKSTART_EP, inputs, spread_profile  # noqa: E402

@@ -51,9 +51,17 @@ def corpus(data_dir: Path) -> list[str]:
 
 def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int):
   """Returns a T5-like fast tokenizer (Unigram, Metaspace) trained on ``texts``, saved in ``out_dir``."""
-  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-  from tokenizers import trainers
   import transformers
+  from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+  )
   tok = Tokenizer(models.Unigram())
   # As T5's SentencePiece model: NFKC, and every run of whitespace (newlines too) is one space.
   tok.normalizer = normalizers.Sequence([normalizers.NFKC(),
@@ -72,6 +80,7 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int):
 def write_tiny_t5(out_dir: Path, vocab_size: int, layers: int, d_model: int = 64, seed: int = 0):
   """Writes a random tiny Flan-T5-shaped model (config.json + flax_model.msgpack) to ``out_dir``."""
   from flax import serialization
+
   from latadj_jax import models
   hf_config = {"model_type": "t5", "vocab_size": vocab_size, "d_model": d_model, "d_kv": 16,
                "d_ff": 2 * d_model, "num_layers": layers, "num_decoder_layers": layers,

@@ -25,9 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latadj_jax import lm_eval, offline, profiling, schedule, timing
+from latadj_jax.core import schedule
 from latadj_jax.data import text
 from latadj_jax.models import gpt2_generate as gen
+from latadj_jax.runtime import timing
+from latadj_jax.tasks import lm_eval
+from latadj_jax.tuning import offline
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> dict:
   r = lm_eval.restore(args.workdir)
   coeffs = offline.parse_coeffs(args.coeff)
   n_layer = r.module.config.n_layer
-  profile = (profiling.parse_profile(args.profile, n_layer) if args.profile else r.run.profile)
+  profile = (schedule.parse_profile(args.profile, n_layer) if args.profile else r.run.profile)
   ids = prompt_ids(args, r)
   N, T = len(ids), args.new_tokens
   ids_BxN = jnp.asarray(np.tile(ids, (args.batch, 1)), jnp.int32)
@@ -140,5 +143,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  from latadj_jax import cli
+  from latadj_jax.runtime import cli
   cli.run(lambda argv: main(argv))

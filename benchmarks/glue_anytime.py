@@ -86,7 +86,7 @@ def finished(workdir: Path) -> bool:
 
 def train(args, mode: str) -> dict:
   """Trains one mode (or reuses its finished workdir); returns its summary."""
-  from latadj_jax import workdir as wd
+  from latadj_jax.runtime import workdir as wd
   workdir = args.root / mode
   cmd = [sys.executable, "train.py", f"--config={CONFIGS[args.task]}",
          f"--config.model={args.model}", f"--config.data_dir={args.data_dir}",
@@ -150,10 +150,12 @@ def cache_check(args, mode: str, coeffs: str) -> dict:
 
 def fixed_length_sweep(workdir: Path, coeffs: str, repeats: int) -> list[dict]:
   """Returns sweep rows with every example padded to ``max_len``, as the paper pads."""
-  from latadj_jax import evaluate as ev, offline, profiling
+  from latadj_jax.data import splits
+  from latadj_jax.tuning import evaluate as ev
+  from latadj_jax.tuning import offline
   r = offline.restore(workdir)
   c = r.run.config
-  (enc,) = profiling.load_encoded_split(c, r.task, r.tokenizer, "validation", 0)
+  (enc,) = splits.load_encoded_split(c, r.task, r.tokenizer, "validation", 0)
   clf = ev.Classifier(r.pre.module, r.pre.params, enc, (c.max_len,), c.eval_batch_size,
                       r.pre.config.num_hidden_layers, model_id=str(c.model), dtype=c.dtype)
   return ev.sweep(clf, offline.parse_coeffs(coeffs), r.run.profile, r.task.metrics,
@@ -165,33 +167,36 @@ def step_time_ratio(args, teachers: list[str], rounds: int = 8, steps: int = 5) 
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from latadj_jax import anytime, config_lib, profiling, schedule, train
+
+  from latadj_jax.core import schedule
+  from latadj_jax.runtime import config_lib
+  from latadj_jax.training import anytime, classifier, loop, profiling
   profile = tuple(json.loads((args.root / "elim_k1" / "profile.json").read_text())["ep"])
   config = config_lib.load(CONFIGS[args.task])
   config.model, config.learning_rate = args.model, args.lr
   pre, _, task = profiling.load_model_and_task(config)
-  mesh = train.make_mesh()
+  mesh = loop.make_mesh()
   rng = np.random.default_rng(0)
   batch = dict(input_ids=rng.integers(1000, 5000, (32, 32)).astype(np.int32),
                attention_mask=np.ones((32, 32), np.int32), token_type_ids=np.zeros((32, 32), np.int32),
                labels=rng.integers(0, 2, 32).astype(np.int32) if not task.is_regression
                else rng.random(32).astype(np.float32), weights=np.ones(32, np.float32))
-  k1 = train.compiled_step(mesh, pre.module, schedule.keep_counts(32, 1.0, profile),
+  k1 = classifier.compiled_step(mesh, pre.module, schedule.keep_counts(32, 1.0, profile),
                            task.is_regression)
-  fns = {"k1": (lambda s: k1(s, train.shard_batch(batch, mesh), jax.random.PRNGKey(0)), 1, False)}
+  fns = {"k1": (lambda s: k1(s, loop.shard_batch(batch, mesh), jax.random.PRNGKey(0)), 1, False)}
   for teacher in teachers:
     spec = anytime.AnytimeSpec(anytime.parse_coeffs(args.train_coeffs), args.anytime_samples,
                                teacher=teacher, always=(1.0,))
-    step = train.make_anytime_step(mesh, module=pre.module, spec=spec, profile=profile,
+    step = classifier.make_anytime_step(mesh, module=pre.module, spec=spec, profile=profile,
                                    buckets=(32,), is_regression=task.is_regression, seed=0)
     fns[teacher] = (functools.partial(lambda step, s: step(s, batch, jax.random.PRNGKey(0)), step),
                     len(spec.draws()), teacher == "frozen")
   times = {name: [] for name in fns}
   states = {}
   for name, (fn, draws, frozen) in fns.items():
-    state = train._replicate(train.TrainState.create(
+    state = loop._replicate(loop.TrainState.create(
         apply_fn=pre.module.apply, params=jax.tree.map(jnp.copy, pre.params),
-        tx=train.make_optimizer(config, 1000),
+        tx=loop.make_optimizer(config, 1000),
         frozen=jax.tree.map(jnp.copy, pre.params) if frozen else None), mesh)
     for _ in range(draws * 3):  # compile every draw before timing
       state, out = fn(state)
@@ -275,7 +280,7 @@ def main() -> None:
   args.root.mkdir(parents=True, exist_ok=True)
   out = REPO / "benchmarks" / "results" / f"{name}_anytime.json"
   result = json.loads(out.read_text()) if out.exists() else {}
-  from latadj_jax import timing
+  from latadj_jax.runtime import timing
   result.update({"benchmark": "glue_anytime", "task": args.task,
                  "device": timing.device_name(),
                  "settings": {k: str(v) for k, v in vars(args).items()}})

@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latadj_jax import schedule, timing
+from latadj_jax.core import schedule
 from latadj_jax.models import gpt2
 from latadj_jax.models import gpt2_generate as gen
+from latadj_jax.runtime import timing
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
                    "n_positions": cfg.n_positions, "batch": 1, "seq_len": N, "new_tokens": T,
                    "profile": "flat (R_l = k): no meaningful ACC to fit with random weights",
                    "repeats": args.repeats, "dtype": cfg.dtype,
-                   "timing": "median of interleaved rounds (latadj_jax.timing.interleaved_medians)",
+                   "timing": "median of interleaved rounds (latadj_jax.runtime.timing.interleaved_medians)",
                    "prefill": "prompt forward with elimination + last-token logits",
                    "ttft": "prefill + KV caches + first greedy token",
                    "decode": f"{T - 1} greedy steps in one lax.fori_loop"},

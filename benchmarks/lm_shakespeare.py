@@ -3,7 +3,7 @@
     python benchmarks/lm_shakespeare.py            # trains workdirs/lm_text (~5 min on 2 busy CPU cores)
     python benchmarks/lm_shakespeare.py --workdir=WD --config.max_steps=50   # a quick check
 
-It runs ``train.train_and_evaluate`` on the ``lm_text`` config (a random
+It runs ``lm.train_and_evaluate`` on the ``lm_text`` config (a random
 4-layer, 128-wide GPT-2, byte-level tokens, one epoch over the four plays with
 elimination at k = 0.9 and a flat profile), then evaluates the one trained
 model at every k. Perplexity is per byte, over the positions that reach the
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import jax
 
-from latadj_jax import config_lib, timing, train
 from latadj_jax.data import text
+from latadj_jax.runtime import config_lib, timing
+from latadj_jax.training import lm
 
 PLAYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "shakespeare"
 
@@ -66,7 +67,7 @@ def main(argv: list[str]) -> int:
   with config.unlocked():
     config.eval_coeffs, config.lambada = KS, str(lastword)
   t0, cpu0 = time.perf_counter(), time.process_time()
-  final = train.train_and_evaluate(config, workdir)
+  final = lm.train_and_evaluate(config, workdir)
   wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0  # CPU: all threads
   results = json.loads((workdir / "eval_results.json").read_text())
   log = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -113,5 +114,5 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-  from latadj_jax import cli
+  from latadj_jax.runtime import cli
   cli.run(main)

@@ -6,7 +6,7 @@ attention context the top tokens hold) is measured on ``--profile_windows``
 first 90% of each); the fit and EP follow ``schedule.profile_from_acc``. The
 keep counts at k = 0.9 for a 1024-token prompt are listed for both profiles.
 
-Then the continuation NLL (``latadj_jax.continuation``) of held-out windows
+Then the continuation NLL (``latadj_jax.tasks.continuation``) of held-out windows
 (the last 10% of each play) is scored at each k with the measured profile and
 with the flat one (R_l = k), on the same windows. A k does not buy the same
 compute under both profiles, so each row also gives its expected speedup
@@ -24,11 +24,15 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
-from latadj_jax import continuation, gguf_loader, models, plots, schedule, timing
-from latadj_jax import workdir as wd
+from latadj_jax import models
+from latadj_jax.core import schedule
 from latadj_jax.data import text
+from latadj_jax.models import gguf_loader
+from latadj_jax.runtime import timing
+from latadj_jax.runtime import workdir as wd
+from latadj_jax.tasks import continuation
+from latadj_jax.tuning import plots
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "shakespeare"
 RESULTS = Path(__file__).parent / "results"

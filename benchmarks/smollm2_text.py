@@ -7,7 +7,7 @@ training-free setting), batch 1.
 Quality: every window of the held-out text (the last 10% of each play) that
 holds a ``--quality_len``-token prompt and the 32 tokens after it. The prompt
 is prefilled with elimination at k; the continuation is scored through the
-KV cache (``latadj_jax.continuation``). Reported: NLL per token, perplexity,
+KV cache (``latadj_jax.tasks.continuation``). Reported: NLL per token, perplexity,
 top-1 accuracy and greedy top-1 agreement with k = 1.
 
 Speed, at each of ``--lengths``: the prefill (prompt forward + last-token
@@ -32,10 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latadj_jax import continuation, gguf_loader, models, schedule, timing
-from latadj_jax import workdir as wd
+from latadj_jax import models
+from latadj_jax.core import schedule
 from latadj_jax.data import text
+from latadj_jax.models import gguf_loader
 from latadj_jax.models import llama_generate as gen
+from latadj_jax.runtime import timing
+from latadj_jax.runtime import workdir as wd
+from latadj_jax.tasks import continuation
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "shakespeare"
 

@@ -21,7 +21,10 @@ import json
 import sys
 from pathlib import Path
 
-from latadj_jax import evaluate, offline, profiling, schedule, targets, timing
+from latadj_jax.core import schedule
+from latadj_jax.data import splits
+from latadj_jax.runtime import timing
+from latadj_jax.tuning import evaluate, offline, targets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> dict:
   wanted = [targets.validate_speedup(t) for t in args.targets.split(",") if t.strip()]
   evaluate.setup_compilation_cache(args.cache_dir or Path(args.workdir) / "xla_cache")
   r, ep = offline.prepare(args.workdir, args.batch_size, "")
-  (enc,) = profiling.load_encoded_split(r.run.config, r.task, r.tokenizer, args.split,
+  (enc,) = splits.load_encoded_split(r.run.config, r.task, r.tokenizer, args.split,
                                         args.max_examples)
   cache = evaluate.ExecutableCache()
   metric = r.task.main_metric
@@ -102,5 +105,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from latadj_jax import cli
+  from latadj_jax.runtime import cli
   cli.run(main, sys.argv[1:])

@@ -38,16 +38,18 @@ def main() -> None:
   import optax
   import torch
   import transformers
+
   from configs import quickstart
-  from latadj_jax import config_lib, profiling, train
-  from latadj_jax.data import pipeline
+  from latadj_jax.data import pipeline, splits
+  from latadj_jax.runtime import config_lib
+  from latadj_jax.training import classifier, loop, profiling
 
   torch.set_num_threads(2)
   config = config_lib.load("glue_stsb")
   config.update(dict(model=quickstart.minilm_dir(), data_dir=args.data_dir, learning_rate=5e-5,
                      batch_size=32, dropout=args.dropout, max_len=64, buckets=(32, 64), seed=0))
   pre, tokenizer, task = profiling.load_model_and_task(config)
-  (enc,) = profiling.load_encoded_split(config, task, tokenizer, "train")
+  (enc,) = splits.load_encoded_split(config, task, tokenizer, "train")
   buckets = pipeline.make_buckets(config.max_len, base=tuple(config.buckets))
   batches = []
   for b in pipeline.batch_iterator(enc, config.batch_size, buckets, shuffle=True, seed=0):
@@ -56,8 +58,8 @@ def main() -> None:
       break
 
   # Ours: the train step's loss and optimizer, one device, dropout as configured.
-  tx = train.make_optimizer(config, args.total_steps)
-  loss_fn = lambda params, batch, rng: (lambda s, w: s / w)(*train.loss_sums(
+  tx = loop.make_optimizer(config, args.total_steps)
+  loss_fn = lambda params, batch, rng: (lambda s, w: s / w)(*classifier.loss_sums(
       params, batch, rng, module=pre.module, keep_counts=None, is_regression=True))
 
   @jax.jit

@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latadj_jax import schedule, timing
+from latadj_jax.core import schedule
 from latadj_jax.models import t5
 from latadj_jax.models import t5_generate as gen
+from latadj_jax.runtime import timing
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> dict:
                    "feed_forward_proj": cfg.feed_forward_proj, "batches": batches,
                    "seq_len": N, "new_tokens": T, "dtype": cfg.dtype, "repeats": args.repeats,
                    "profile": "flat (R_l = k), the paper's training-free Flan-T5 setting",
-                   "timing": "median of interleaved rounds (latadj_jax.timing.interleaved_medians)",
+                   "timing": "median of interleaved rounds (latadj_jax.runtime.timing.interleaved_medians)",
                    "encoder": "embedding + encoder blocks with Sort+Eliminate + final_layer_norm",
                    "generate": f"encoder once, then {T} greedy KV-cached decoder steps "
                                f"(lax.fori_loop), first batch only",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latadj_jax import workdir as wd
+from latadj_jax.runtime import workdir as wd
 
 HERE = Path(__file__).parent
 CANDIDATES = {
@@ -43,7 +43,8 @@ def child(shape: str, seconds: float) -> None:
   sys.path.insert(0, str(HERE))
   import jax
   from compare_pytorch import compile_forward, inputs, torch_and_flax, torch_forward
-  from latadj_jax import timing
+
+  from latadj_jax.runtime import timing
   batch, length = (int(v) for v in shape.split("x"))
   hf, module, params = torch_and_flax(12, "float32")
   arrays = inputs(batch, length, module.config.vocab_size)

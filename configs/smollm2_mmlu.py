@@ -6,7 +6,7 @@
 
 The causal counterpart of ``flan_t5_mmlu``: each prompt is prefilled with
 elimination at k (flat profile, R_l = k) and the choice letter with the
-highest next-token logit is the answer (``latadj_jax.fewshot_lm``). The data
+highest next-token logit is the answer (``latadj_jax.tasks.fewshot_lm``). The data
 is lm-eval's ``mmlu_cot_prompts.json``: about 5 dev questions per subject, each
 scored against the others of its subject as shots (chain of thought dropped).
 There is no default data path: without --config.data_dir the run stops at

@@ -22,7 +22,7 @@ from configs.lm_text import SAMPLE_TEXT
 
 
 def _smollm2() -> str:
-  from latadj_jax import checkpoints, gguf_loader
+  from latadj_jax.models import checkpoints, gguf_loader
   try:
     return str(gguf_loader.packaged_smollm2())
   except checkpoints.CheckpointError:

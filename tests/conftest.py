@@ -83,7 +83,7 @@ def tiny_sst2_dir(tmp_path_factory) -> Path:
 
 def tiny_config(model_dir, data_dir, **overrides):
   """Returns a run config for the tiny model and data: seconds per run on a CPU."""
-  from latadj_jax import config_lib
+  from latadj_jax.runtime import config_lib
   config = config_lib.load("glue_sst2")
   values = dict(model=str(model_dir), data_dir=str(data_dir), data_source="local", max_len=32,
                 buckets=(16, 32), batch_size=8, eval_batch_size=8, num_epochs=2,

@@ -7,8 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from latadj_jax import anytime, elimination, models, schedule, train, workdir as wd
+from latadj_jax import models
+from latadj_jax.core import elimination, schedule
 from latadj_jax.models import bert
+from latadj_jax.runtime import workdir as wd
+from latadj_jax.training import anytime, classifier
 
 from conftest import tiny_config
 
@@ -115,19 +118,19 @@ def test_teacher_gets_no_gradient_from_distillation():
 def test_anytime_run_compiles_buckets_times_draws(tiny_model_dir, tiny_sst2_dir, tmp_path,
                                                    monkeypatch):
   built = []
-  real = train.make_anytime_step
+  real = classifier.make_anytime_step
 
   def spy(*args, **kwargs):
     step = real(*args, **kwargs)
     built.append(step)
     return step
-  monkeypatch.setattr(train, "make_anytime_step", spy)
+  monkeypatch.setattr(classifier, "make_anytime_step", spy)
   # The LAT teacher (no elimination, on the labels), k = 1 always trained, one more drawn;
   # the checkpoint kept is the best mean accuracy over k in {0.6, 1}, evaluated every 4 steps.
   config = tiny_config(tiny_model_dir, tiny_sst2_dir, coeff=1.0, num_epochs=2,
                        train_coeffs="0.6,0.8,0.9,1.0", anytime_samples=1, teacher="full",
                        anytime_always="1.0", select_coeffs="0.6,1.0", eval_every=4)
-  metrics = train.train_and_evaluate(config, tmp_path)
+  metrics = classifier.train_and_evaluate(config, tmp_path)
   assert 0.0 <= metrics["accuracy"] <= 1.0
   (step,) = built
   # 2 buckets x 2 draws of the sampled coefficient; each executable compiled once over 18 steps.
@@ -147,7 +150,7 @@ def test_anytime_run_compiles_buckets_times_draws(tiny_model_dir, tiny_sst2_dir,
   best = wd.load_best(tmp_path)
   first_best = max(evals, key=lambda r: (r["eval_mean_over_k"], -r["step"]))
   assert (best["step"], best["score"]) == (first_best["step"], first_best["eval_mean_over_k"])
-  from latadj_jax import offline
+  from latadj_jax.tuning import offline
   assert offline.restore(tmp_path).step == best["step"]   # eval.py takes the chosen checkpoint
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import transformers
 
-from latadj_jax import elimination, models, schedule
+from latadj_jax import models
+from latadj_jax.core import elimination, schedule
 from latadj_jax.models import bert
 
 

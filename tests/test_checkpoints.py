@@ -13,7 +13,8 @@ import pytest
 import torch
 from flax import serialization
 
-from latadj_jax import checkpoints, models
+from latadj_jax import models
+from latadj_jax.models import checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 

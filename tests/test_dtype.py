@@ -15,7 +15,8 @@ import pytest
 import torch
 import transformers
 
-from latadj_jax import models, schedule
+from latadj_jax import models
+from latadj_jax.core import schedule
 from latadj_jax.models import bert
 
 TEXTS = ["A gripping, beautifully shot film.", "Dull.",

@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
-from latadj_jax import evaluate, offline, profiling, schedule, train
+from latadj_jax.core import schedule
+from latadj_jax.data import splits
+from latadj_jax.training import classifier
+from latadj_jax.tuning import evaluate, offline
 
 from conftest import tiny_config
 
@@ -20,13 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def workdir(tiny_model_dir, tiny_sst2_dir, tmp_path_factory):
   wd = tmp_path_factory.mktemp("evalrun")
-  train.train_and_evaluate(tiny_config(tiny_model_dir, tiny_sst2_dir, num_epochs=1), wd)
+  classifier.train_and_evaluate(tiny_config(tiny_model_dir, tiny_sst2_dir, num_epochs=1), wd)
   return wd
 
 
 def _classifier(workdir):
   r = offline.restore(workdir)
-  (enc,) = profiling.load_encoded_split(r.run.config, r.task, r.tokenizer, "validation")
+  (enc,) = splits.load_encoded_split(r.run.config, r.task, r.tokenizer, "validation")
   return r, evaluate.Classifier(r.pre.module, r.pre.params, enc, r.buckets, 8,
                                 r.pre.config.num_hidden_layers, "tiny")
 

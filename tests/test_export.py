@@ -18,8 +18,13 @@ import pytest
 import torch
 import transformers
 
-from latadj_jax import config_lib, export, models, offline, schedule, train
-from latadj_jax import lm_eval
+from latadj_jax import models
+from latadj_jax.core import schedule
+from latadj_jax.models import export
+from latadj_jax.runtime import config_lib
+from latadj_jax.tasks import lm_eval
+from latadj_jax.training import classifier, lm
+from latadj_jax.tuning import offline
 
 from conftest import make_sentences, tiny_config
 
@@ -33,7 +38,7 @@ def clf_workdir(tiny_model_dir, tiny_sst2_dir, tmp_path_factory) -> Path:
   workdir = tmp_path_factory.mktemp("clf")
   config = tiny_config(tiny_model_dir, tiny_sst2_dir, max_steps=2, num_epochs=1,
                        eval_every_epoch=False, eval_coeffs=(1.0,), time_repeats=1)
-  train.train_and_evaluate(config, workdir)
+  classifier.train_and_evaluate(config, workdir)
   return workdir
 
 
@@ -50,7 +55,7 @@ def lm_workdir(tmp_path_factory) -> Path:
     config[k] = v
   config.gpt2.update(n_layer=2, n_embd=32, n_head=2, n_positions=64)
   workdir = tmp_path_factory.mktemp("lm")
-  train.train_and_evaluate(config, workdir)
+  lm.train_and_evaluate(config, workdir)
   return workdir
 
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latadj_jax import config_lib, fewshot, schedule
+from latadj_jax.core import schedule
 from latadj_jax.data import fewshot as fs
 from latadj_jax.data import sources
+from latadj_jax.runtime import config_lib
+from latadj_jax.tasks import fewshot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,8 +134,17 @@ def model_dir(data_dir, tmp_path_factory) -> Path:
   """Returns a tiny random T5 (v1.1 shape) with a Unigram tokenizer trained on the fixture text."""
   import transformers
   from flax import serialization
-  from tokenizers import Regex, Tokenizer, decoders, models as tok_models, normalizers
-  from tokenizers import pre_tokenizers, processors, trainers
+  from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+  )
+  from tokenizers import models as tok_models
+
   from latadj_jax import models
   path = tmp_path_factory.mktemp("tiny_t5")
   tok = Tokenizer(tok_models.Unigram())

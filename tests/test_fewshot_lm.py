@@ -3,15 +3,16 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import transformers
+from test_fewshot import MMLU
 
-from latadj_jax import config_lib, fewshot_lm, schedule
+from latadj_jax.core import schedule
 from latadj_jax.data import fewshot as fs
 from latadj_jax.data import sources, text
-from test_fewshot import MMLU
+from latadj_jax.runtime import config_lib
+from latadj_jax.tasks import fewshot_lm
 
 REPO = Path(__file__).resolve().parents[1]
 N_LAYER = 3

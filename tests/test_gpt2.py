@@ -7,7 +7,8 @@ import pytest
 import torch
 import transformers
 
-from latadj_jax import models, schedule
+from latadj_jax import models
+from latadj_jax.core import schedule
 from latadj_jax.models import gpt2
 from latadj_jax.models import gpt2_generate as gen
 

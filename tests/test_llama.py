@@ -10,10 +10,12 @@ import pytest
 import torch
 import transformers
 
-from latadj_jax import checkpoints, continuation, gguf_loader, models, schedule
+from latadj_jax import models
+from latadj_jax.core import schedule
 from latadj_jax.data import text
-from latadj_jax.models import gpt2, llama
+from latadj_jax.models import checkpoints, gguf_loader, gpt2, llama
 from latadj_jax.models import llama_generate as gen
+from latadj_jax.tasks import continuation
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, N_LAYER = 260, 3

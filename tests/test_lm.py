@@ -14,9 +14,12 @@ import numpy as np
 import optax
 import pytest
 
-from latadj_jax import config_lib, lm, lm_eval, schedule, train
+from latadj_jax.core import schedule
 from latadj_jax.data import text
 from latadj_jax.models import gpt2
+from latadj_jax.runtime import config_lib
+from latadj_jax.tasks import lm_eval
+from latadj_jax.training import lm
 
 REPO = Path(__file__).resolve().parents[1]
 LINES = ["When shall we three meet again, in thunder, lightning, or in rain?",
@@ -63,9 +66,9 @@ def _params(workdir):
 
 @pytest.fixture(scope="module")
 def trained(text_dir, tmp_path_factory):
-  """Returns (workdir, metrics) of an uninterrupted tiny run: 6 steps through ``train.train_and_evaluate``."""
+  """Returns (workdir, metrics) of an uninterrupted tiny run: 6 steps through ``lm.train_and_evaluate``."""
   workdir = tmp_path_factory.mktemp("lmrun")
-  return workdir, train.train_and_evaluate(tiny_lm_config(text_dir), workdir)
+  return workdir, lm.train_and_evaluate(tiny_lm_config(text_dir), workdir)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -191,9 +194,9 @@ def test_lm_resume_after_kill_matches_uninterrupted(trained, text_dir, tmp_path,
 
   monkeypatch.setattr(lm, "compiled_step", dying_step)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(tiny_lm_config(text_dir), workdir)
+    lm.train_and_evaluate(tiny_lm_config(text_dir), workdir)
   monkeypatch.setattr(lm, "compiled_step", real_step)
-  train.train_and_evaluate(tiny_lm_config(text_dir), workdir)
+  lm.train_and_evaluate(tiny_lm_config(text_dir), workdir)
   assert "resumed from step 2" in capsys.readouterr().out
   for a, b in zip(jax.tree.leaves(_params(trained[0])), jax.tree.leaves(_params(workdir))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from latadj_jax import metrics
-
+from latadj_jax.core import metrics
 
 PREDS = np.array([1, 1, 0, 1, 0, 0, 1, 0])
 LABELS = np.array([1, 0, 0, 1, 1, 0, 1, 0])  # tp=3 fp=1 fn=1 tn=3

@@ -25,7 +25,9 @@ import jax
 import numpy as np
 import pytest
 
-from latadj_jax import launch, multihost, offline, workdir as wd
+from latadj_jax.runtime import launch, multihost
+from latadj_jax.runtime import workdir as wd
+from latadj_jax.tuning import offline
 
 from conftest import make_sentences
 from test_lm import text_dir, tiny_lm_config  # noqa: F401  (text_dir is a fixture)
@@ -45,7 +47,8 @@ WRAPPER = textwrap.dedent("""
     # step-DIE checkpoint is on disk. LOGITS: saves each process's gathered dev logits there.
     import os, runpy, signal, sys
     import jax, numpy as np
-    from latadj_jax import evaluate, workdir as wd
+    from latadj_jax.tuning import evaluate
+    from latadj_jax.runtime import workdir as wd
     repo, die, victim, logits_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     save, predict = wd.save_checkpoint, evaluate.Classifier.predict
 
@@ -242,9 +245,8 @@ def test_acc_profile_and_uneven_dev_metrics_equal_one_process(bert_ref, bert_res
   workdir = bert_resumed[0]
   r = offline.restore(workdir)
   config = r.run.config
-  from latadj_jax import profiling
-  from latadj_jax.data import pipeline
-  (dev,) = profiling.load_encoded_split(config, r.task, r.tokenizer, "validation", DEV_EXAMPLES)
+  from latadj_jax.data import pipeline, splits
+  (dev,) = splits.load_encoded_split(config, r.task, r.tokenizer, "validation", DEV_EXAMPLES)
   assert len(dev) == DEV_EXAMPLES and pipeline.num_batches(dev, 8, r.buckets) % 2 == 1
   ours, ref = (json.loads((w / "profile.json").read_text()) for w in (workdir, bert_ref))
   assert len(ours["acc"]) == 3
@@ -255,7 +257,7 @@ def test_acc_profile_and_uneven_dev_metrics_equal_one_process(bert_ref, bert_res
   assert ev_ours["step"] == ev_ref["step"] == STEPS
   assert ev_ours["eval_accuracy"] == pytest.approx(ev_ref["eval_accuracy"], abs=1e-9)
   # Each process's gathered dev logits are those of one process predicting every example.
-  from latadj_jax import evaluate
+  from latadj_jax.tuning import evaluate
   clf = offline.classifier(r, dev)
   one = clf.predict(evaluate.schedules_for(0.8, r.run.profile, r.buckets))
   for i in (0, 1):
@@ -265,7 +267,7 @@ def test_acc_profile_and_uneven_dev_metrics_equal_one_process(bert_ref, bert_res
 
 
 def test_two_process_checkpoint_serves_in_one_process(bert_ref, bert_resumed):
-  from latadj_jax import predictor
+  from latadj_jax.serving import predictor
   texts = [s for s, _ in make_sentences(5, seed=7)]
   ours = predictor.Predictor.from_workdir(bert_resumed[0], coeff=0.8).logits(texts)
   ref = predictor.Predictor.from_workdir(bert_ref, coeff=0.8).logits(texts)
@@ -296,7 +298,7 @@ def test_lm_two_processes_match_one_process(text_dir, tmp_path):  # noqa: F811
   _one_process(_train(one, values, "lm_text"))
   rc, out, _ = _launch(_train(two, values, "lm_text"))
   assert rc == 0, out[-5000:]
-  from latadj_jax import lm_eval
+  from latadj_jax.tasks import lm_eval
   ours, ref = _losses(two), _losses(one)
   assert [s for s, _ in ours] == [s for s, _ in ref] and len(ref) == 6
   np.testing.assert_allclose([l for _, l in ours], [l for _, l in ref], atol=1e-5, rtol=0)

@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import nbformat
-import numpy as np
 import pytest
 from matplotlib import image as mpimg
 from nbclient import NotebookClient

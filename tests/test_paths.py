@@ -8,8 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from latadj_jax import config_lib
 from latadj_jax.data import text
+from latadj_jax.runtime import config_lib
 
 REPO = Path(__file__).resolve().parents[1]
 PATH_FIELDS = ("data_dir", "model", "tokenizer", "lambada")

@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from latadj_jax import evaluate, offline, predictor, profiling, targets
-from latadj_jax.data import pipeline
+from latadj_jax.data import pipeline, splits
+from latadj_jax.serving import predictor
+from latadj_jax.tuning import evaluate, offline, targets
 
 from test_eval import _eval_cli, workdir  # noqa: F401  (the tiny trained workdir, trained once here)
 
@@ -16,8 +17,8 @@ from test_eval import _eval_cli, workdir  # noqa: F401  (the tiny trained workdi
 def dev(workdir):
   """Returns (restored, raw dev examples, encoded dev examples) of the tiny workdir."""
   r = offline.restore(workdir)
-  ex = profiling.load_split(r.run.config, r.task, "validation")
-  (enc,) = profiling.load_encoded_split(r.run.config, r.task, r.tokenizer, "validation")
+  ex = splits.load_split(r.run.config, r.task, "validation")
+  (enc,) = splits.load_encoded_split(r.run.config, r.task, r.tokenizer, "validation")
   return r, ex, enc
 
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from latadj_jax import schedule
+from latadj_jax.core import schedule
 
 
 def test_keep_counts_hand_computed():

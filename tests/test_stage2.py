@@ -6,9 +6,11 @@ import numpy as np
 import optax
 import pytest
 
-from latadj_jax import anytime, profiling, schedule, train, workdir as wd
+from latadj_jax.core import schedule
 from latadj_jax.data import pipeline
 from latadj_jax.models import bert
+from latadj_jax.runtime import workdir as wd
+from latadj_jax.training import anytime, classifier, loop, profiling
 
 from conftest import tiny_config
 from test_anytime import tiny_batch
@@ -44,7 +46,7 @@ def stage1(tiny_model_dir, tiny_sst2_dir, tmp_path_factory):
   ep = (0.9, 0.8, 0.7)
   wd.save_profile(path, None, ep, {}, 1.0)
   manager = wd.checkpoint_manager(path)
-  wd.save_checkpoint(manager, 7, train.TrainState.create(apply_fn=pre.module.apply, params=params,
+  wd.save_checkpoint(manager, 7, loop.TrainState.create(apply_fn=pre.module.apply, params=params,
                                                          tx=optax.sgd(0.1)))
   manager.wait_until_finished()
   return path, params, ep
@@ -55,7 +57,7 @@ def test_init_from_loads_exactly_the_stage1_parameters_and_profile(stage1, tiny_
   path, params, ep = stage1
   config = tiny_config(tiny_model_dir, tiny_sst2_dir, init_from=str(path), profile="")
   pre, _, task = profiling.load_model_and_task(config)
-  loaded = train.load_init(config.init_from, pre, task)
+  loaded = classifier.load_init(config.init_from, pre, task)
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
     np.testing.assert_array_equal(a, b)
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded),
@@ -69,7 +71,7 @@ def test_init_from_loads_exactly_the_stage1_parameters_and_profile(stage1, tiny_
   other = tiny_config(tiny_model_dir, tiny_sst2_dir, init_from=str(path), num_labels=3)
   pre3, _, task3 = profiling.load_model_and_task(other)
   with pytest.raises(wd.WorkdirError, match="num_labels 2 there, 3 here"):
-    train.load_init(other.init_from, pre3, task3)
+    classifier.load_init(other.init_from, pre3, task3)
 
 
 def test_frozen_teacher_gets_no_gradient_and_no_optimizer_state():
@@ -88,12 +90,12 @@ def test_frozen_teacher_gets_no_gradient_and_no_optimizer_state():
   grads = jax.grad(lambda f: sum(terms_at(spec, module, params, batch, 0, f).values()))(frozen)
   assert not any(np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
 
-  mesh = train.make_mesh()
+  mesh = loop.make_mesh()
   tx = optax.adam(1e-2)
-  state = train._replicate(train.TrainState.create(
+  state = loop._replicate(loop.TrainState.create(
       apply_fn=module.apply, params=params, tx=tx, frozen=jax.tree.map(jnp.copy, frozen)), mesh)
   assert jax.tree.structure(state.opt_state) == jax.tree.structure(tx.init(params))
-  step = train.make_anytime_step(mesh, module=module, spec=spec, profile=(0.8, 0.9), buckets=(16,),
+  step = classifier.make_anytime_step(mesh, module=module, spec=spec, profile=(0.8, 0.9), buckets=(16,),
                                  is_regression=False, seed=0)
   host = jax.tree.map(np.asarray, batch)
   for _ in range(2):
@@ -125,7 +127,7 @@ def test_frozen_teacher_without_init_from_fails_with_the_fix(tiny_model_dir, tin
   config = tiny_config(tiny_model_dir, tiny_sst2_dir, coeff=1.0, profile="flat",
                        train_coeffs="0.8,1.0", teacher="frozen")
   with pytest.raises(ValueError, match="init_from=STAGE1_WORKDIR"):
-    train.train_and_evaluate(config, tmp_path)
+    classifier.train_and_evaluate(config, tmp_path)
 
 
 def test_max_grad_norm_clips_the_global_norm_before_adamw():
@@ -141,9 +143,9 @@ def test_max_grad_norm_clips_the_global_norm_before_adamw():
       out.append(u)
     return out
   config.max_grad_norm = 1.0
-  clipped = updates(train.make_optimizer(config, 100), grads)
+  clipped = updates(loop.make_optimizer(config, 100), grads)
   config.max_grad_norm = 0.0
-  plain = train.make_optimizer(config, 100)
+  plain = loop.make_optimizer(config, 100)
   by_hand = updates(plain, [jax.tree.map(lambda x: x / optax.global_norm(g), g) if
                             optax.global_norm(g) > 1 else g for g in grads])
   for a, b in zip(jax.tree.leaves(clipped), jax.tree.leaves(by_hand)):

@@ -12,7 +12,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from latadj_jax import models, schedule
+from latadj_jax import models
+from latadj_jax.core import schedule
 from latadj_jax.models import t5, t5_generate
 
 VOCAB = 160

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from latadj_jax import schedule, targets
+from latadj_jax.core import schedule
+from latadj_jax.tuning import targets
 
 FITTED = (0.9, 0.95, 0.9, 0.93, 0.96, 1.0)
 PROFILES = {"flat": schedule.flat_profile(6), "fitted": FITTED}

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from latadj_jax import train, workdir as wd
+from latadj_jax.runtime import workdir as wd
+from latadj_jax.training import classifier
 
 from conftest import tiny_config
 
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _params(workdir):
-  from latadj_jax import offline
+  from latadj_jax.tuning import offline
   return offline.restore(workdir)
 
 
@@ -27,7 +28,7 @@ def _params(workdir):
 def trained(tiny_model_dir, tiny_sst2_dir, tmp_path_factory):
   """Returns the workdir of an uninterrupted tiny run (2 epochs, 2 buckets)."""
   workdir = tmp_path_factory.mktemp("run")
-  metrics = train.train_and_evaluate(tiny_config(tiny_model_dir, tiny_sst2_dir), workdir)
+  metrics = classifier.train_and_evaluate(tiny_config(tiny_model_dir, tiny_sst2_dir), workdir)
   return workdir, metrics
 
 
@@ -46,11 +47,11 @@ def test_run_writes_everything_eval_needs(trained):
 
 def test_quickstart_smoke_real_minilm(tmp_path, capsys):
   # The README's first run, shortened to 2 epochs: real MiniLM weights, the shipped data.
-  from latadj_jax import config_lib
+  from latadj_jax.runtime import config_lib
   config = config_lib.override(config_lib.load("quickstart"), [
       "num_epochs=2", "eval_coeffs=(0.8,1.0)", "time_repeats=2",
       "progress=false"])
-  metrics = train.train_and_evaluate(config, tmp_path)
+  metrics = classifier.train_and_evaluate(config, tmp_path)
   out = capsys.readouterr().out
   assert "| coeff | accuracy |" in out and "executable cache:" in out
   assert metrics["accuracy"] >= 0.7  # chance is 0.5; a full quickstart run reaches ~0.88
@@ -64,7 +65,7 @@ def test_resume_after_kill_matches_uninterrupted(trained, tiny_model_dir, tiny_s
                                                  tmp_path, monkeypatch):
   workdir = tmp_path / "killed"
   config = tiny_config(tiny_model_dir, tiny_sst2_dir)
-  real_step = train.compiled_step
+  real_step = classifier.compiled_step
   calls = {"n": 0}
 
   def dying_step(*args, **kwargs):
@@ -77,12 +78,12 @@ def test_resume_after_kill_matches_uninterrupted(trained, tiny_model_dir, tiny_s
       return fn(*a)
     return step
 
-  monkeypatch.setattr(train, "compiled_step", dying_step)
+  monkeypatch.setattr(classifier, "compiled_step", dying_step)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, workdir)
-  monkeypatch.setattr(train, "compiled_step", real_step)
+    classifier.train_and_evaluate(config, workdir)
+  monkeypatch.setattr(classifier, "compiled_step", real_step)
   assert wd.checkpoint_manager(workdir).latest_step() == 3
-  train.train_and_evaluate(config, workdir)
+  classifier.train_and_evaluate(config, workdir)
   ours, ref = _params(workdir), _params(trained[0])
   assert ours.step == ref.step == 18  # 2 epochs x 9 batches (two buckets, partial batches padded)
   for a, b in zip(jax.tree.leaves(ours.pre.params), jax.tree.leaves(ref.pre.params)):
@@ -92,14 +93,15 @@ def test_resume_after_kill_matches_uninterrupted(trained, tiny_model_dir, tiny_s
 def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, tiny_sst2_dir, tmp_path):
   config = tiny_config(tiny_model_dir, tiny_sst2_dir, learning_rate=float("nan"), profile="flat")
   with pytest.raises(FloatingPointError, match="loss became nan at step 2.*no checkpoint"):
-    train.train_and_evaluate(config, tmp_path / "nan")
+    classifier.train_and_evaluate(config, tmp_path / "nan")
 
 
 STEP_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np, optax
     from jax.sharding import Mesh
-    from latadj_jax import train, models
+
+    from latadj_jax import models
     from latadj_jax.models import bert
     sys.path.insert(0, sys.argv[1])
     cfg = bert.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -118,10 +120,10 @@ STEP_SCRIPT = textwrap.dedent("""
       mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
       # SGD, not Adam: Adam's first step is ~lr*sign(g), which turns ulp-level gradient
       # differences on near-zero gradients into lr-sized parameter differences.
-      state = train.TrainState.create(apply_fn=module.apply, params=params, tx=optax.sgd(0.5))
-      state = train._replicate(state, mesh)
-      step = train.compiled_step(mesh, module, (16, 9), False)
-      state, m = step(state, train.shard_batch(batch, mesh), jax.random.PRNGKey(0))
+      state = loop.TrainState.create(apply_fn=module.apply, params=params, tx=optax.sgd(0.5))
+      state = loop._replicate(state, mesh)
+      step = classifier.compiled_step(mesh, module, (16, 9), False)
+      state, m = step(state, loop.shard_batch(batch, mesh), jax.random.PRNGKey(0))
       out[n] = (float(m["loss"]), [np.asarray(x).tolist() for x in jax.tree.leaves(state.params)])
     print(json.dumps({"devices": jax.device_count(), "loss": [out[1][0], out[4][0]],
                       "maxdiff": max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
@@ -149,7 +151,7 @@ def test_restored_params_live_on_the_device(trained):
 
 def test_each_bucket_compiles_its_step_once(tiny_model_dir, tiny_sst2_dir, tmp_path, monkeypatch):
   # The state the step returns must be placed like the one it took, or step 2 recompiles.
-  built, real = [], train.compiled_step
-  monkeypatch.setattr(train, "compiled_step", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
-  train.train_and_evaluate(tiny_config(tiny_model_dir, tiny_sst2_dir, num_epochs=1), tmp_path)
+  built, real = [], classifier.compiled_step
+  monkeypatch.setattr(classifier, "compiled_step", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+  classifier.train_and_evaluate(tiny_config(tiny_model_dir, tiny_sst2_dir, num_epochs=1), tmp_path)
   assert len(built) == 2 and all(fn._cache_size() == 1 for fn in built)  # buckets 16 and 32

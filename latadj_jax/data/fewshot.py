@@ -1,6 +1,6 @@
 """Few-shot MMLU and BBH: readers, direct k-shot prompts, answer extraction and exact match.
 
-The harness that runs a model over them is ``latadj_jax.fewshot``. Data comes
+The harness that runs a model over them is ``latadj_jax.tasks.fewshot``. Data comes
 from the HF hub or from local files:
 
 * MMLU, hub (``cais/mmlu``): the 5 ``dev`` questions of a subject are the
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from latadj_jax.data import pipeline, sources
+from latadj_jax.runtime import hub
 
 BENCHMARKS = ("mmlu", "bbh")
 HUB = {"mmlu": "cais/mmlu", "bbh": "lukaemon/bbh"}
@@ -210,16 +210,9 @@ def _select(available: Sequence[str], wanted: Sequence[str], what: str) -> list[
   return list(wanted) if wanted else list(available)
 
 
-def _hub_offline_reason() -> str | None:
-  for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-    if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-      return f"{var} is set, so the hub is off"
-  return None if sources.hub_reachable() else "huggingface.co cannot be reached"
-
-
 def read_hub(name: str, num_shots: int, tasks: Sequence[str] = ()) -> Benchmark:
   """Returns the benchmark from the HF hub; fails at once, naming --config.data_dir, when offline."""
-  reason = _hub_offline_reason()
+  reason = hub.dataset_problem()
   if reason:
     raise sources.DataUnavailableError(f"tried to load the HF hub dataset {HUB[name]}, but "
                                        f"{reason}. For local files, {FIX}.")

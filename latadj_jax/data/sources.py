@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
-import socket
 import sys
-import urllib.parse
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from latadj_jax.runtime import hub
 
 HUB_GLUE = "nyu-mll/glue"
 FIX_FLAGS = ("--config.data_dir=DIR (a local GLUE directory in the original TSV layout or the HF "
@@ -20,7 +19,7 @@ FIX_FLAGS = ("--config.data_dir=DIR (a local GLUE directory in the original TSV 
              "--config.data_source=local, or --config.data_source=tfds")
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(hub.Unavailable):
   """The requested data could not be read; the message says what was tried and how to fix it."""
 
 
@@ -266,21 +265,6 @@ def _load_single_file(task: TaskSpec, split: str, path: Path, seed: int, dev_fra
 
 
 # --- remote sources --------------------------------------------------------------------------
-def _env_true(name: str) -> bool:
-  return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def hub_reachable(timeout: float = 5.0) -> bool:
-  """Returns whether a TCP connection to the HF hub endpoint opens within ``timeout`` seconds."""
-  url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-  port = url.port or (443 if url.scheme == "https" else 80)
-  try:
-    with socket.create_connection((url.hostname, port), timeout=timeout):
-      return True
-  except OSError:
-    return False
-
-
 def _load_hub(task: TaskSpec, split: str, hub_dataset: str) -> Examples:
   glue = task.name in GLUE_TASKS and not hub_dataset
   name = HUB_GLUE if glue else hub_dataset
@@ -289,15 +273,9 @@ def _load_hub(task: TaskSpec, split: str, hub_dataset: str) -> Examples:
                                f"or read local files: {FIX_FLAGS}.")
   what = f"the HF hub dataset {name}" + (f" ({task.name})" if glue else "")
   fix = f"Download it elsewhere and pass {FIX_FLAGS}."
-  for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-    if _env_true(var):  # offline by request: fail now rather than let datasets retry
-      raise DataUnavailableError(f"tried to load {what}, but {var} is set, so the hub is off. {fix}")
-  if not hub_reachable():
-    raise DataUnavailableError(f"tried to load {what}, but huggingface.co cannot be reached. {fix}")
-  from latadj_jax import checkpoints
-  problem = checkpoints.hub_problem(name, "dataset")  # bounded: datasets' own retries are not
+  problem = hub.dataset_problem(name)  # bounded: datasets' own retries are not
   if problem:
-    raise DataUnavailableError(f"tried to load {what}, but {problem}. Try again later, or: {fix}")
+    raise DataUnavailableError(f"tried to load {what}, but {problem}. {fix}")
   try:
     import datasets
     dd = datasets.load_dataset(name, task.name if glue else None)

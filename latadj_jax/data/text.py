@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from latadj_jax.data import pipeline, sources
+from latadj_jax.runtime import hub
 
 EOS = "<|endoftext|>"
 LOCAL_FIX = "--config.data_dir=DIR (a directory of .txt files, or one .txt file)"
@@ -111,15 +112,7 @@ def read_local(data_dir: str, split: str, dev_fraction: float = 0.1) -> list[str
 def _hub(name: str, config_name: str | None, split: str, what: str):
   """Returns the HF ``datasets`` split, failing at once (with the local fix) when offline."""
   fix = f"Download it elsewhere and pass {LOCAL_FIX}."
-  for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-    if sources._env_true(var):
-      raise sources.DataUnavailableError(f"tried to load {what}, but {var} is set, so the hub is "
-                                         f"off. {fix}")
-  if not sources.hub_reachable():
-    raise sources.DataUnavailableError(f"tried to load {what}, but huggingface.co cannot be "
-                                       f"reached. {fix}")
-  from latadj_jax import checkpoints
-  problem = checkpoints.hub_problem(name, "dataset")
+  problem = hub.dataset_problem(name)
   if problem:
     raise sources.DataUnavailableError(f"tried to load {what}, but {problem}. {fix}")
   try:
@@ -285,3 +278,12 @@ def last_word_batches(lw: LastWord, batch_size: int, buckets: Sequence[int], num
         targets[j, :len(t)], tmask[j, :len(t)] = t, 1.0
     batch["targets"], batch["target_mask"] = targets, tmask
     yield batch
+
+
+def load_blocks(config, tokenizer, split: str, max_blocks: int = 0) -> LMEncoded:
+  """Returns one split as next-token blocks of ``config.block_size``."""
+  stream = tokenize_stream(load_texts(config, split), tokenizer)
+  blocks = make_blocks(stream, config.block_size, max_blocks)
+  capped = f" (the first {max_blocks}, by the config)" if max_blocks > 0 else ""
+  print(f"{split}: {len(stream):,} tokens; {len(blocks)} blocks of {config.block_size}{capped}")
+  return blocks

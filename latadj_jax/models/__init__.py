@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import jax
 
-from latadj_jax import checkpoints
+from latadj_jax.models import checkpoints
 
 FAMILY_MODULES = {"bert": "latadj_jax.models.bert", "gpt2": "latadj_jax.models.gpt2",
                   "t5": "latadj_jax.models.t5", "llama": "latadj_jax.models.llama",
@@ -80,7 +80,7 @@ def from_pretrained(name_or_path: str, head: str | None = None, seed: int = 0,
 
 
 def _from_pretrained(name_or_path: str, head: str | None, seed: int, **overrides: Any) -> Pretrained:
-  from latadj_jax import gguf_loader
+  from latadj_jax.models import gguf_loader
   gguf_file = gguf_loader.find_gguf(name_or_path)
   if gguf_file is not None:
     return _from_gguf(gguf_file, head, **overrides)
@@ -112,7 +112,7 @@ def _load_complete(module, cfg, dummy, hf_config: dict, tensors: dict, fmt: str,
 
 def _from_gguf(gguf_file: Path, head: str | None, **overrides: Any) -> Pretrained:
   """Returns a model whose every parameter comes from a GGUF file (dequantized to float32)."""
-  from latadj_jax import gguf_loader
+  from latadj_jax.models import gguf_loader
   hf_config, tensors = gguf_loader.read_gguf(gguf_file)
   module, cfg, dummy = build(hf_config, head, **overrides)
   return _load_complete(module, cfg, dummy, hf_config, tensors, "torch", gguf_file.parent,

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from latadj_jax import elimination
+from latadj_jax.core import elimination
 from latadj_jax.models import attention
 
 MODEL_TYPES = ("bert",)

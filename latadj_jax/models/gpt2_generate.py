@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from latadj_jax import elimination
+from latadj_jax.core import elimination
 from latadj_jax.models.gpt2 import GPT2LMHeadModel
 
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latadj_jax import elimination
+from latadj_jax.core import elimination
 from latadj_jax.models.bert import check_keep_counts
 from latadj_jax.models.gpt2 import causal_allowed, default_position_ids
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from latadj_jax import elimination
+from latadj_jax.core import elimination
 from latadj_jax.models import gpt2_generate
 from latadj_jax.models.gpt2_generate import init_caches, select_token
 from latadj_jax.models.llama import LlamaForCausalLM, jit_options

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from latadj_jax import elimination
+from latadj_jax.core import elimination
 from latadj_jax.models import attention
 from latadj_jax.models.bert import activation, check_keep_counts
 

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 class ConfigError(ValueError):

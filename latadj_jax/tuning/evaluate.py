@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latadj_jax import metrics, multihost, schedule, timing
+from latadj_jax.core import metrics, schedule
 from latadj_jax.data import pipeline
+from latadj_jax.runtime import multihost, timing
 
 
 def setup_compilation_cache(cache_dir: str | Path) -> None:

@@ -25,49 +25,37 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from latadj_jax import models, multihost, profiling, schedule, train, workdir as wd
+from latadj_jax import models
+from latadj_jax.core import schedule
 from latadj_jax.data import pipeline, text
+from latadj_jax.runtime import multihost
+from latadj_jax.runtime import workdir as wd
+from latadj_jax.tasks import lm_eval
+from latadj_jax.training import loop, profiling
 
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "target_weights")
 
 
 # --- the loss -----------------------------------------------------------------------------------
-def survivor_nll(logits_BxKxV: jax.Array, positions_BxK: jax.Array, mask_BxK: jax.Array,
-                 targets_BxN: jax.Array, weights_BxN: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Returns (nll_BxK, weight_BxK): each survivor's next-token NLL, and 1 where it is scored.
-
-  ``targets_BxN[:, p]`` is the token after original position ``p``; a
-  survivor is scored when it is a real token and its target exists
-  (``weights_BxN[:, p] > 0``). The NLL is already multiplied by the weight.
-  """
-  tgt_BxK = jnp.take_along_axis(targets_BxN, positions_BxK, axis=1)
-  w_BxK = jnp.take_along_axis(weights_BxN.astype(jnp.float32), positions_BxK, axis=1)
-  w_BxK = w_BxK * mask_BxK.astype(jnp.float32)
-  nll_BxK = optax.softmax_cross_entropy_with_integer_labels(logits_BxKxV.astype(jnp.float32),
-                                                            tgt_BxK)
-  return nll_BxK * w_BxK, w_BxK
-
-
 def loss_sums(params, batch: dict, rng, *, module, keep_counts,
               deterministic: bool = False) -> tuple[jax.Array, jax.Array]:
   """Returns (sum of survivor NLLs, number of scored survivors) for one (local) batch."""
   out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                      keep_counts=keep_counts, deterministic=deterministic,
                      rngs=None if deterministic else {"dropout": rng})
-  nll_BxK, w_BxK = survivor_nll(out["logits"], out["positions"], out["mask"],
+  nll_BxK, w_BxK = lm_eval.survivor_nll(out["logits"], out["positions"], out["mask"],
                                 batch["targets"], batch["target_weights"])
   return jnp.sum(nll_BxK), jnp.sum(w_BxK)
 
 
-def train_step(state: train.TrainState, batch: dict, rng: jax.Array, *, module, keep_counts,
-               axis: str = "data") -> tuple[train.TrainState, dict]:
+def train_step(state: loop.TrainState, batch: dict, rng: jax.Array, *, module, keep_counts,
+               axis: str = "data") -> tuple[loop.TrainState, dict]:
   """Returns the updated state and the global mean survivor loss; runs per device in ``shard_map``.
 
   Each device divides its NLL sum by the global count of scored survivors, so
   the (implicitly summed) gradient is that of the global mean, as in
-  ``train.train_step``.
+  ``loop.train_step``.
   """
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis))
 
@@ -83,7 +71,7 @@ def train_step(state: train.TrainState, batch: dict, rng: jax.Array, *, module, 
 
 def compiled_step(mesh, module, keep_counts):
   """Returns the jitted, data-parallel LM train step for one keep-count schedule (state donated)."""
-  return train.jit_data_parallel(mesh, functools.partial(train_step, module=module,
+  return loop.jit_data_parallel(mesh, functools.partial(train_step, module=module,
                                                          keep_counts=keep_counts))
 
 
@@ -99,7 +87,6 @@ def perplexity_at(config, module, params, eval_enc: text.LMEncoded,
   The per-batch sums are added in batch order, so the result is the
   single-process one exactly, and no block is scored twice.
   """
-  from latadj_jax import lm_eval  # it imports this module
   ev = lm_eval.LMEvaluator(module, multihost.host_local(params), eval_enc, config.eval_batch_size,
                            "train", config.dtype)
   exe = ev.executable(counts)
@@ -146,15 +133,6 @@ def load_model(config: ml_collections.ConfigDict) -> tuple[models.Pretrained, An
   return pre, tokenizer
 
 
-def load_blocks(config, tokenizer, split: str, max_blocks: int = 0) -> text.LMEncoded:
-  """Returns one split as next-token blocks of ``config.block_size``."""
-  stream = text.tokenize_stream(text.load_texts(config, split), tokenizer)
-  blocks = text.make_blocks(stream, config.block_size, max_blocks)
-  capped = f" (the first {max_blocks}, by the config)" if max_blocks > 0 else ""
-  print(f"{split}: {len(stream):,} tokens; {len(blocks)} blocks of {config.block_size}{capped}")
-  return blocks
-
-
 @dataclasses.dataclass(frozen=True)
 class _BertSignature:
   """Presents a GPT-2 module with BERT's ``apply(vars, ids, mask, token_types)`` to ACC profiling."""
@@ -179,20 +157,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   Rerunning with the same workdir resumes from the latest checkpoint.
   """
-  from latadj_jax import lm_eval  # it imports this module
-  train.maybe_initialize_distributed()
+  loop.maybe_initialize_distributed()
   workdir = Path(workdir)
   schedule.validate_coeff(config.coeff)
   pre, tokenizer = load_model(config)
-  train_enc = load_blocks(config, tokenizer, "train", config.max_train_examples)
-  eval_enc = load_blocks(config, tokenizer, "validation", config.max_eval_examples)
+  train_enc = text.load_blocks(config, tokenizer, "train", config.max_train_examples)
+  eval_enc = text.load_blocks(config, tokenizer, "validation", config.max_eval_examples)
   is_main = jax.process_index() == 0
   if is_main:
     wd.save_metadata(workdir, config, pre.hf_config, tokenizer)
   ep = resolve_profile(config, workdir, pre, train_enc, is_main)
   block = config.block_size
   counts = schedule.keep_counts(block, config.coeff, ep)
-  train.check_batch_size(config.batch_size)
+  loop.check_batch_size(config.batch_size)
   pad_id = tokenizer.pad_token_id or 0
 
   def make_step(mesh):
@@ -203,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     # The last step's share of target positions that survived to be scored.
     return {"scored_fraction": float(out["scored"]) / max(float(batch["target_weights"].sum()), 1.0)}
 
-  loop = train.Loop(
+  lm_loop = loop.Loop(
       batches=lambda epoch, start: text.lm_batches(
           train_enc, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
           start_batch=start, pad_id=pad_id),
@@ -213,8 +190,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       evaluate=lambda params: perplexity_at(config, pre.module, params, eval_enc, counts),
       extra_log=scored_fraction)
   steps_per_epoch = pipeline.num_batches(train_enc, config.batch_size, (block,))
-  state, eval_metrics = train.run_loop(config, workdir, pre.module.apply, pre.params,
-                                       steps_per_epoch, loop, is_main)
+  state, eval_metrics = loop.run_loop(config, workdir, pre.module.apply, pre.params,
+                                       steps_per_epoch, lm_loop, is_main)
   if config.eval_coeffs and is_main:  # timed on process 0's device alone
     lm_eval.sweep_and_report(config, pre.module, multihost.host_local(state.params), eval_enc, ep,
                              workdir, model_id=str(config.model or "scratch"),

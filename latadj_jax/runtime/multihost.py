@@ -27,7 +27,8 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 ADDRESS, NUM_PROCESSES, PROCESS_ID, AUTO = (
     "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "LATADJ_MULTIHOST")

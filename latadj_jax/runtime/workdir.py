@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from latadj_jax import schedule
+from latadj_jax.core import schedule
 
 CONFIG = "config.json"
 MODEL_CONFIG = "model_config.json"

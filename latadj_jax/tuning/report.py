@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from latadj_jax import evaluate, plots, timing, workdir as wd
+from latadj_jax.runtime import timing
+from latadj_jax.runtime import workdir as wd
+from latadj_jax.tuning import evaluate, plots
 
 
 def progress(total: int, initial: int, desc: str, enabled: bool = True):

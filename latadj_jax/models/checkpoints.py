@@ -11,24 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 from flax import traverse_util
 
+from latadj_jax.runtime.hub import hub_endpoint, hub_problem, hub_reachable
+
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                 "flax_model.msgpack", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
                    "vocab.json", "merges.txt", "spiece.model", "special_tokens_map.json",
                    "generation_config.json")
-HUB_HOST = "huggingface.co"
-HUB_PROBE_TIMEOUT_S = 10.0  # one metadata request; the real hub answers in well under a second
 # The config.json fields that fix a family's parameter shapes. HF's config
 # classes default every one of them, so a config.json that lacks one would
 # build a model of the wrong size and fail later with a confusing shape error.
@@ -45,44 +40,6 @@ NameMap = Callable[[str], "tuple[tuple[str, ...], bool] | None"]
 
 class CheckpointError(ValueError):
   """A checkpoint can't be found, read or matched to the model."""
-
-
-def hub_endpoint() -> tuple[str, int]:
-  """Returns the (host, port) of the HF hub, honouring ``HF_ENDPOINT`` as huggingface_hub does."""
-  url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}"))
-  return url.hostname or HUB_HOST, url.port or (80 if url.scheme == "http" else 443)
-
-
-def hub_reachable(timeout: float = 5.0) -> bool:
-  """Returns whether the HF hub answers a TCP connect within ``timeout`` seconds."""
-  if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-    return False
-  try:
-    with socket.create_connection(hub_endpoint(), timeout=timeout):
-      return True
-  except OSError:
-    return False
-
-
-def hub_problem(repo_id: str, repo_type: str = "model", timeout: float = HUB_PROBE_TIMEOUT_S
-                ) -> str | None:
-  """Returns why the hub can't serve ``repo_id`` right now (no answer in time, a 5xx), or None.
-
-  One metadata request with a hard timeout, before handing over to
-  ``huggingface_hub``/``datasets``: their per-file retries turn a stalled hub
-  into minutes of waiting, and a 500 into a page of text. Other answers (401,
-  404) are left to them, since their messages for those are specific.
-  """
-  base = os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}").rstrip("/")
-  url = f"{base}/api/{repo_type}s/{urllib.parse.quote(repo_id)}"
-  try:
-    with urllib.request.urlopen(url, timeout=timeout):
-      return None
-  except urllib.error.HTTPError as e:
-    return f"the hub at {base} answered {e.code} {e.reason}" if e.code >= 500 else None
-  except (OSError, ValueError) as e:  # URLError, timeouts, refused connections, bad HF_ENDPOINT
-    reason = getattr(e, "reason", e)
-    return f"the hub at {base} did not answer within {timeout:g} s ({reason})"
 
 
 def _looks_like_path(name: str) -> bool:

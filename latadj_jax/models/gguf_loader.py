@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from latadj_jax.checkpoints import WEIGHT_FILES, CheckpointError
+from latadj_jax.models.checkpoints import WEIGHT_FILES, CheckpointError
 
 # GGUF ``general.architecture`` -> HF model_type, for the families we can run.
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}

@@ -9,8 +9,12 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from latadj_jax import evaluate, models, profiling, report, targets, timing, workdir as wd
-from latadj_jax.data import pipeline
+from latadj_jax import models
+from latadj_jax.core import schedule
+from latadj_jax.data import pipeline, splits
+from latadj_jax.runtime import timing
+from latadj_jax.runtime import workdir as wd
+from latadj_jax.tuning import evaluate, report, targets
 
 
 def buckets_of(config) -> tuple[int, ...]:
@@ -36,7 +40,7 @@ def restore(workdir: str | Path) -> Restored:
   """Returns the latest checkpoint of a workdir with its model, tokenizer, task and profile."""
   import transformers
   run = wd.load_run(workdir)
-  task = profiling.task_of(run.config)
+  task = splits.task_of(run.config)
   module, cfg, dummy = models.build(run.hf_config, "classification", num_labels=task.num_labels,
                                     dtype=run.config.dtype,
                                     survivors=run.config.get("survivors", "score"))
@@ -49,7 +53,6 @@ def restore(workdir: str | Path) -> Restored:
 
 def parse_coeffs(text: str) -> list[float]:
   """Returns the coefficients of ``"0.8,0.9"``, or raises ValueError naming the bad one."""
-  from latadj_jax import schedule
   items = [t for t in text.split(",") if t.strip()]
   if not items:
     raise ValueError("--coeff needs at least one value, e.g. --coeff 0.9 or --coeff 0.8,0.9,1.0")
@@ -62,7 +65,7 @@ def evaluate_workdir(workdir: str | Path, coeffs: Sequence[float], *, split: str
   """Returns the sweep rows for a trained workdir, printing and saving the report."""
   r, ep = prepare(workdir, batch_size, profile)
   config = r.run.config
-  (enc,) = profiling.load_encoded_split(config, r.task, r.tokenizer, split, max_examples)
+  (enc,) = splits.load_encoded_split(config, r.task, r.tokenizer, split, max_examples)
   print(f"evaluating {r.run.workdir} (step {r.step}) on {split}: {len(enc.labels)} examples")
   return report.sweep_and_report(config, r.pre, r.pre.params, enc, r.buckets, ep, r.task,
                                  r.run.workdir, coeffs=coeffs, cache=cache,
@@ -73,7 +76,7 @@ def evaluate_workdir(workdir: str | Path, coeffs: Sequence[float], *, split: str
 
 def profile_of(run: wd.Run, override: str = "") -> tuple[float, ...]:
   """Returns the run's stored profile, or ``override`` ('flat' or 'v1,v2,...') when given."""
-  return profiling.parse_profile(override, len(run.profile)) if override else run.profile
+  return schedule.parse_profile(override, len(run.profile)) if override else run.profile
 
 
 def prepare(workdir: str | Path, batch_size: int, profile: str) -> tuple[Restored, tuple[float, ...]]:
@@ -164,7 +167,7 @@ def evaluate_target(workdir: str | Path, *, speedup: float | None = None,
   r, ep = prepare(workdir, batch_size, profile)
   batch = r.run.config.eval_batch_size
   print(targets.format_choices(choices, target_title(speedup, latency_ms, batch)))
-  (enc,) = profiling.load_encoded_split(r.run.config, r.task, r.tokenizer, split, max_examples)
+  (enc,) = splits.load_encoded_split(r.run.config, r.task, r.tokenizer, split, max_examples)
   print(f"evaluating {r.run.workdir} (step {r.step}) on {split}: {len(enc.labels)} examples")
   cache = evaluate.ExecutableCache() if cache is None else cache
   row = evaluate_choices(r, choices, enc, time_repeats=time_repeats, cache=cache)

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from latadj_jax import schedule
+from latadj_jax.core import schedule
 
 TEACHERS = ("full", "frozen", "largest")
 

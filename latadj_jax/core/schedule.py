@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -166,3 +166,14 @@ def distinct_schedules(n0: int, profile: Sequence[float], k_min: float = 0.05,
       break
     k = lo * (1 - 1e-9)
   return out
+
+
+def parse_profile(value: Any, num_layers: int) -> tuple[float, ...] | None:
+  """Returns an explicit profile from ``"flat"``, ``"0.9,0.8,..."`` or a list; None means measure."""
+  if isinstance(value, str):
+    if value in ("acc", ""):
+      return None
+    if value == "flat":
+      return flat_profile(num_layers)
+    value = [float(v) for v in value.split(",")]
+  return validate_profile(value, num_layers)

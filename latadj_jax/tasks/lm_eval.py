@@ -30,19 +30,39 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from latadj_jax import elimination, evaluate, lm, models, profiling, report, schedule, timing
-from latadj_jax import workdir as wd
+from latadj_jax import models
+from latadj_jax.core import elimination, schedule
 from latadj_jax.data import pipeline, text
 from latadj_jax.models import gpt2_generate as gen
 from latadj_jax.models import llama
+from latadj_jax.runtime import timing
+from latadj_jax.runtime import workdir as wd
+from latadj_jax.tuning import evaluate, report
 
 
 # --- survivor perplexity ------------------------------------------------------------------------
+def survivor_nll(logits_BxKxV: jax.Array, positions_BxK: jax.Array, mask_BxK: jax.Array,
+                 targets_BxN: jax.Array, weights_BxN: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Returns (nll_BxK, weight_BxK): each survivor's next-token NLL, and 1 where it is scored.
+
+  ``targets_BxN[:, p]`` is the token after original position ``p``; a
+  survivor is scored when it is a real token and its target exists
+  (``weights_BxN[:, p] > 0``). The NLL is already multiplied by the weight.
+  """
+  tgt_BxK = jnp.take_along_axis(targets_BxN, positions_BxK, axis=1)
+  w_BxK = jnp.take_along_axis(weights_BxN.astype(jnp.float32), positions_BxK, axis=1)
+  w_BxK = w_BxK * mask_BxK.astype(jnp.float32)
+  nll_BxK = optax.softmax_cross_entropy_with_integer_labels(logits_BxKxV.astype(jnp.float32),
+                                                            tgt_BxK)
+  return nll_BxK * w_BxK, w_BxK
+
+
 def _nll_fn(module, counts: tuple[int, ...]):
   def nll(params, input_ids, attention_mask, targets, weights):
     out = module.apply({"params": params}, input_ids, attention_mask, keep_counts=counts)
-    nll_BxK, w_BxK = lm.survivor_nll(out["logits"], out["positions"], out["mask"], targets, weights)
+    nll_BxK, w_BxK = survivor_nll(out["logits"], out["positions"], out["mask"], targets, weights)
     return jnp.sum(nll_BxK), jnp.sum(w_BxK)
   return nll
 
@@ -289,8 +309,8 @@ def evaluate_workdir(workdir: str | Path, coeffs: Sequence[float], *, split: str
   with config.unlocked():
     if batch_size:
       config.eval_batch_size = batch_size
-  ep = (profiling.parse_profile(profile, r.module.config.n_layer) if profile else r.run.profile)
-  enc = lm.load_blocks(config, r.tokenizer, split, max_examples)
+  ep = (schedule.parse_profile(profile, r.module.config.n_layer) if profile else r.run.profile)
+  enc = text.load_blocks(config, r.tokenizer, split, max_examples)
   print(f"evaluating {r.run.workdir} (step {r.step}) on {split}: {enc.num_targets:,} target tokens")
   return sweep_and_report(config, r.module, r.params, enc, ep, r.run.workdir, coeffs=coeffs,
                           model_id=str(r.run.workdir), time_repeats=time_repeats,

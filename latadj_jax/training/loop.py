@@ -1,9 +1,10 @@
-"""Fine-tuning with Sort+Eliminate layers: ``train_and_evaluate(config, workdir)``.
+"""The data-parallel training loop as a library: optimizer, step, jit, checkpoints, resume.
 
 Data parallel over every device of every host: a ``'data'`` mesh axis and
 ``jax.shard_map``; each device takes a slice of the global batch and the
 gradients are summed across the axis. Keep counts are static per bucket, so
-each bucket compiles once.
+each bucket compiles once. The classifier and the LM objectives
+(``training.classifier``, ``training.lm``) plug into ``run_loop`` with a ``Loop``.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax.training import train_state
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from latadj_jax import anytime, evaluate, multihost, profiling, report, schedule, workdir as wd
-from latadj_jax.data import pipeline
+from latadj_jax.runtime import multihost
+from latadj_jax.runtime import workdir as wd
+from latadj_jax.tuning import report
 
 
 class TrainState(train_state.TrainState):
@@ -49,22 +52,6 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
                       mask=decay_mask)
   clip = config.get("max_grad_norm", 0.0)
   return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
-
-
-def loss_sums(params, batch, rng, *, module, keep_counts, is_regression) -> tuple[jax.Array, jax.Array]:
-  """Returns (sum of weighted per-example losses, sum of weights) for one (local) batch."""
-  logits = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                        batch["token_type_ids"], keep_counts=keep_counts, deterministic=False,
-                        rngs={"dropout": rng})["logits"]
-  per_example = anytime.label_loss(logits, batch["labels"], is_regression)
-  return jnp.sum(per_example * batch["weights"]), jnp.sum(batch["weights"])
-
-
-def single_terms(params, batch, rng, frozen=None, *, module, keep_counts,
-                 is_regression) -> dict[str, jax.Array]:
-  """Returns the one loss term of training at a single coefficient."""
-  return {"label": loss_sums(params, batch, rng, module=module, keep_counts=keep_counts,
-                             is_regression=is_regression)[0]}
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, terms: Callable,
@@ -97,7 +84,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, terms: Callabl
   return state.apply_gradients(grads=grads), out
 
 
-def _jit_step(mesh, terms: Callable):
+def jit_step(mesh, terms: Callable):
+  """Returns ``train_step`` with this loss ``terms``, jitted data-parallel (state donated)."""
   return jit_data_parallel(mesh, functools.partial(train_step, terms=terms))
 
 
@@ -113,21 +101,6 @@ def jit_data_parallel(mesh, fn: Callable):
   return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data"), P()),
                                out_specs=(P(), P()), check_vma=True), donate_argnums=0,
                  out_shardings=(replicated, replicated))
-
-
-def compiled_step(mesh, module, keep_counts, is_regression):
-  """Returns the jitted, data-parallel train step for one keep-count schedule (state donated)."""
-  return _jit_step(mesh, functools.partial(single_terms, module=module, keep_counts=keep_counts,
-                                           is_regression=is_regression))
-
-
-def compiled_anytime_step(mesh, module, spec: anytime.AnytimeSpec,
-                          schedules: dict[float, tuple[int, ...]], sampled: tuple[float, ...],
-                          is_regression):
-  """Returns the jitted anytime train step of one bucket and one draw of middle coefficients."""
-  return _jit_step(mesh, functools.partial(anytime.loss_terms, module=module, spec=spec,
-                                           schedules=schedules, sampled=sampled,
-                                           is_regression=is_regression))
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -146,7 +119,7 @@ def maybe_initialize_distributed() -> None:
 
   It reads ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
   ``JAX_PROCESS_ID`` (``LATADJ_MULTIHOST=1``: JAX's cluster auto-detection);
-  see ``latadj_jax.multihost`` and ``python -m latadj_jax.launch``.
+  see ``latadj_jax.runtime.multihost`` and ``python -m latadj_jax.launch``.
   """
   multihost.initialize_from_env()
 
@@ -256,96 +229,6 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, apply_fn, params,
   return state, eval_metrics
 
 
-def make_anytime_step(mesh, *, module, spec: anytime.AnytimeSpec, profile, buckets,
-                      is_regression, seed: int) -> Callable:
-  """Returns step(state, host batch, rng) for anytime training (see ``latadj_jax.anytime``).
-
-  One executable per (bucket, draw of middle coefficients), compiled on first
-  use: at most ``len(buckets) * len(spec.draws())`` across a run. The draw is
-  a function of the step number, which is read from the state once and then
-  counted here, so dispatch stays asynchronous.
-  """
-  schedules = {b: {k: schedule.keep_counts(b, k, profile) for k in spec.coeffs} for b in buckets}
-  steps: dict[tuple[int, tuple[float, ...]], Callable] = {}
-  counter = {"step": None}
-
-  def step(state, batch, rng):
-    if counter["step"] is None:
-      counter["step"] = int(state.step)
-    sampled = spec.draw(seed, counter["step"])
-    counter["step"] += 1
-    key = (batch["input_ids"].shape[1], sampled)
-    if key not in steps:
-      steps[key] = compiled_anytime_step(mesh, module, spec, schedules[key[0]], sampled,
-                                         is_regression)
-    return steps[key](state, shard_batch(batch, mesh), rng)
-
-  step.compiled = steps  # exposed for tests: the executables built so far
-  return step
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Trains with elimination at ``config.coeff``, checkpointing to ``workdir``; returns final metrics.
-
-  Rerunning with the same workdir resumes from the latest checkpoint.
-  """
-  if config.get("task") == "lm":  # causal LMs: loss on the survivors (``latadj_jax.lm``)
-    from latadj_jax import lm
-    return lm.train_and_evaluate(config, workdir)
-  maybe_initialize_distributed()
-  workdir = Path(workdir)
-  schedule.validate_coeff(config.coeff)
-  pre, tokenizer, task = profiling.load_model_and_task(config)
-  if config.get("init_from"):  # stage 2 starts from a fine-tuned (stage-1) workdir
-    pre.params = load_init(config.init_from, pre, task)
-  train_enc, eval_enc = profiling.load_encoded(config, task, tokenizer)
-  buckets = pipeline.make_buckets(config.max_len, base=tuple(config.buckets))
-  is_main = jax.process_index() == 0
-  if is_main:
-    wd.save_metadata(workdir, config, pre.hf_config, tokenizer)
-  num_layers = pre.config.num_hidden_layers
-  ep = profiling.resolve_profile(config, workdir, pre, train_enc, buckets, num_layers, is_main)
-  schedules = evaluate.schedules_for(config.coeff, ep, buckets)
-  check_batch_size(config.batch_size)
-
-  spec = anytime.spec_from_config(config)
-  frozen = None
-  if spec is not None and spec.teacher == "frozen":
-    if not config.get("init_from"):
-      raise ValueError("--config.teacher=frozen distils from the stage-1 model: set "
-                       "--config.init_from=STAGE1_WORKDIR (or use --config.teacher=full)")
-    frozen = jax.tree.map(jnp.copy, pre.params)  # its own buffers: the live params are donated
-  if spec is not None:
-    make_step = functools.partial(make_anytime_step, module=pre.module, spec=spec, profile=ep,
-                                  buckets=buckets, is_regression=task.is_regression,
-                                  seed=config.seed)
-  else:
-    def make_step(mesh):
-      steps = {b: compiled_step(mesh, pre.module, schedules[b], task.is_regression)
-               for b in buckets}
-      return lambda state, batch, rng: steps[batch["input_ids"].shape[1]](
-          state, shard_batch(batch, mesh), rng)
-
-  loop = Loop(
-      batches=lambda epoch, start: pipeline.batch_iterator(
-          train_enc, config.batch_size, buckets, shuffle=True, seed=config.seed, epoch=epoch,
-          start_batch=start, pad_id=tokenizer.pad_token_id or 0),
-      make_step=make_step,
-      count=lambda batch: int(batch["weights"].sum()),
-      unit="examples",
-      evaluate=functools.partial(evaluate_with_selection, config, pre, eval_enc, buckets, ep,
-                                 task, evaluate.ExecutableCache()),
-      extra_log=lambda out, batch: {k: float(v) for k, v in out.items() if k != "loss"})
-  steps_per_epoch = pipeline.num_batches(train_enc, config.batch_size, buckets)
-  state, eval_metrics = run_loop(config, workdir, pre.module.apply, pre.params, steps_per_epoch,
-                                 loop, is_main, frozen=frozen)
-  if config.eval_coeffs and is_main:  # timed on process 0's device alone
-    report.sweep_and_report(config, pre, multihost.host_local(state.params), eval_enc, buckets,
-                            ep, task, workdir)
-  multihost.wait_for_all("train_and_evaluate: done")
-  return eval_metrics
-
-
 def _check_finite(loss: jax.Array, step: int, last_good: int | None, workdir: Path) -> float:
   """Returns the loss as a float, or raises FloatingPointError naming the last good checkpoint."""
   value = float(loss)
@@ -355,56 +238,3 @@ def _check_finite(loss: jax.Array, step: int, last_good: int | None, workdir: Pa
     raise FloatingPointError(f"loss became {value} at step {step}; {kept}. Lower "
                              f"--config.learning_rate or check the data, then rerun to resume")
   return value
-
-
-def load_init(init_from: str, pre, task) -> Any:
-  """Returns the parameters of ``init_from``'s chosen checkpoint, checked against the model ``pre``."""
-  run = wd.load_run(init_from)
-  shape_keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
-                "num_attention_heads", "intermediate_size")
-  differ = {k: (run.hf_config.get(k), pre.hf_config.get(k)) for k in shape_keys
-            if run.hf_config.get(k) != pre.hf_config.get(k)}
-  stage1_labels = profiling.task_of(run.config).num_labels
-  if stage1_labels != task.num_labels:
-    differ["num_labels"] = (stage1_labels, task.num_labels)
-  if differ:
-    raise wd.WorkdirError(f"--config.init_from={init_from} holds another model: "
-                          + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in differ.items())
-                          + f". Set --config.model to that run's model ({run.config.model})")
-  params, step = wd.restore_params(run.workdir, pre.params)
-  print(f"init_from {run.workdir} (step {step})")
-  return params
-
-
-def evaluate_at(config, pre, params, eval_enc, buckets, ep, task, coeff: float | None = None,
-                cache: evaluate.ExecutableCache | None = None) -> dict[str, float]:
-  """Returns the task metrics on the eval set at ``coeff`` (default: the training one); all processes call it."""
-  clf = evaluate.Classifier(pre.module, multihost.host_local(params), eval_enc, buckets,
-                            config.eval_batch_size, pre.config.num_hidden_layers,
-                            model_id=str(config.model), dtype=config.dtype,
-                            **({"cache": cache} if cache is not None else {}))
-  coeff = config.coeff if coeff is None else coeff
-  logits = clf.predict(evaluate.schedules_for(coeff, ep, buckets), across_processes=True)
-  preds = evaluate.predictions(logits, task.is_regression)
-  from latadj_jax import metrics
-  return metrics.compute_metrics(task.metrics, preds, eval_enc.labels)
-
-
-def evaluate_with_selection(config, pre, eval_enc, buckets, ep, task, cache,
-                            params) -> dict[str, float]:
-  """Returns the metrics at the training coefficient and, with ``select_coeffs``, the k-grid mean.
-
-  The first task metric at each k of ``config.select_coeffs`` is added as
-  ``<metric>@<k>`` and their mean as ``SELECT_KEY``, which picks the kept
-  checkpoint (DynaBERT and once-for-all choose by the mean over sub-models).
-  """
-  out = evaluate_at(config, pre, params, eval_enc, buckets, ep, task, cache=cache)
-  grid = [schedule.validate_coeff(v) for v in str(config.get("select_coeffs", "")).split(",")
-          if v.strip()]
-  if grid:
-    name = task.metrics[0]
-    per_k = {f"{name}@{k:g}": evaluate_at(config, pre, params, eval_enc, buckets, ep, task, k,
-                                          cache)[name] for k in grid}
-    out.update(per_k)
-    out[SELECT_KEY] = sum(per_k.values()) / len(per_k)
-  return out

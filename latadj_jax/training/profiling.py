@@ -1,4 +1,4 @@
-"""ACC profiling before training, and the model/data loading that train and eval share."""
+"""ACC profiling before training (the fitted profile of METHOD.md section 2), and loading the model to train."""
 
 from __future__ import annotations
 
@@ -9,51 +9,24 @@ import jax
 import ml_collections
 import numpy as np
 
-from latadj_jax import models, multihost, plots, schedule, workdir as wd
-from latadj_jax.data import pipeline, sources
-
-
-def task_of(config: ml_collections.ConfigDict) -> sources.TaskSpec:
-  """Returns the task spec, with ``num_labels`` overridden when the config sets it."""
-  overrides = {"num_labels": config.num_labels} if config.get("num_labels") else {}
-  return sources.get_task(config.task, **overrides)
+from latadj_jax import models
+from latadj_jax.core import schedule
+from latadj_jax.data import pipeline, splits
+from latadj_jax.runtime import multihost
+from latadj_jax.runtime import workdir as wd
+from latadj_jax.tuning import plots
 
 
 def load_model_and_task(config: ml_collections.ConfigDict):
   """Returns ``(Pretrained, tokenizer, task)`` for a run config (hub id or local dir)."""
   import transformers
-  task = task_of(config)
+  task = splits.task_of(config)
   pre = models.from_pretrained(
       config.model, head="classification", seed=config.seed, num_labels=task.num_labels,
       hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout,
       dtype=config.dtype, survivors=config.get("survivors", "score"))
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(pre.model_dir))
   return pre, tokenizer, task
-
-
-def load_split(config, task, split: str, max_examples: int = 0):
-  """Returns the raw examples of one split, from the configured source."""
-  kwargs = dict(data_dir=config.data_dir, source=config.data_source, seed=config.seed,
-                dev_fraction=config.dev_fraction, max_examples=max_examples)
-  if config.get("hub_dataset"):
-    kwargs["hub_dataset"] = config.hub_dataset
-  return sources.load_split(task, split, **kwargs)
-
-
-def load_encoded_split(config, task, tokenizer, split: str, max_examples: int = 0):
-  """Returns one tokenized split (as a 1-tuple), reporting how many examples were truncated."""
-  enc = pipeline.encode(load_split(config, task, split, max_examples), tokenizer, config.max_len)
-  if enc.num_truncated:
-    print(f"{split}: {enc.num_truncated} of {len(enc.labels)} examples truncated to "
-          f"{config.max_len} tokens")
-  return (enc,)
-
-
-def load_encoded(config, task, tokenizer):
-  """Returns the tokenized train and validation splits."""
-  (train,) = load_encoded_split(config, task, tokenizer, "train", config.max_train_examples)
-  (dev,) = load_encoded_split(config, task, tokenizer, "validation", config.max_eval_examples)
-  return train, dev
 
 
 def measure_acc(module: Any, params: Any, batches: Sequence[dict]) -> np.ndarray:
@@ -90,17 +63,6 @@ def measure_acc(module: Any, params: Any, batches: Sequence[dict]) -> np.ndarray
   return total / int(counts.sum())
 
 
-def parse_profile(value: Any, num_layers: int) -> tuple[float, ...] | None:
-  """Returns an explicit profile from ``"flat"``, ``"0.9,0.8,..."`` or a list; None means measure."""
-  if isinstance(value, str):
-    if value in ("acc", ""):
-      return None
-    if value == "flat":
-      return schedule.flat_profile(num_layers)
-    value = [float(v) for v in value.split(",")]
-  return schedule.validate_profile(value, num_layers)
-
-
 def resolve_profile(config, workdir: Path, pre, train_enc, buckets, num_layers: int,
                     write: bool) -> tuple[float, ...]:
   """Returns EP: stored (on resume), given in the config, ``init_from``'s, or measured from ACC now.
@@ -116,7 +78,7 @@ def resolve_profile(config, workdir: Path, pre, train_enc, buckets, num_layers: 
                                num_layers)
   if stored is not None:
     return stored
-  ep = parse_profile(config.profile, num_layers)
+  ep = schedule.parse_profile(config.profile, num_layers)
   if ep is None and not config.profile and config.get("init_from"):
     ep = wd.load_profile(config.init_from)  # stage 2 keeps stage 1's profile unless one is given
   prof = None

@@ -6,13 +6,14 @@ import os
 import sys
 from typing import Callable
 
+from latadj_jax.runtime import hub
+
 USAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FloatingPointError)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
   """Returns the exception types whose message is the whole story for a user."""
-  from latadj_jax.data import sources
-  return USAGE_ERRORS + (sources.DataUnavailableError,)
+  return USAGE_ERRORS + (hub.Unavailable,)
 
 
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:

@@ -28,10 +28,13 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from latadj_jax import checkpoints, models, schedule, timing, workdir as wd
+from latadj_jax import models
+from latadj_jax.core import schedule
 from latadj_jax.data import fewshot as fs
 from latadj_jax.data import pipeline
-from latadj_jax.models import t5, t5_generate
+from latadj_jax.models import checkpoints, t5, t5_generate
+from latadj_jax.runtime import timing
+from latadj_jax.runtime import workdir as wd
 
 RESULTS = "fewshot_results.json"
 PREDICTIONS = "fewshot_predictions.jsonl"

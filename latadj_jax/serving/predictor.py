@@ -14,8 +14,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from latadj_jax import evaluate, offline, targets
 from latadj_jax.data import pipeline, sources
+from latadj_jax.tuning import evaluate, offline, targets
 
 Inputs = Union[Sequence[str], Sequence[tuple[str, str]]]
 

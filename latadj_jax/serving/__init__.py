@@ -1,0 +1,1 @@
+"""Serving: the Predictor (and the HTTP server)."""

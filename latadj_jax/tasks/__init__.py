@@ -1,0 +1,1 @@
+"""Scoring tasks: LM perplexity and last-word, continuation NLL, few-shot harnesses."""

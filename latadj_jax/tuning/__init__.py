@@ -1,0 +1,1 @@
+"""Offline tuning: the executable cache, sweeps over k, speed and latency targets, reports, plots."""
