@@ -27,10 +27,14 @@ def main(argv: list[str]) -> int:
   from latadj_jax.models import checkpoints
   # After the argument checks: importing JAX takes seconds. Causal LMs train on their survivors'
   # next-token loss (training.lm), classifiers on the labels (training.classifier).
+  from latadj_jax.runtime import xla_cache
   from latadj_jax.training import classifier, lm
+  xla_cache.setup_from_config(config.get("compilation_cache", "default"))
+  log = xla_cache.compile_log()
   trainer = lm if config.get("task") == "lm" else classifier
   try:
     trainer.train_and_evaluate(config, workdir)
+    print(log)
   except (checkpoints.CheckpointError, sources.DataUnavailableError) as e:
     if "hub" not in str(e):  # a bad local file or path: its message names the fix
       raise

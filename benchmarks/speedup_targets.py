@@ -23,7 +23,7 @@ from pathlib import Path
 
 from latadj_jax.core import schedule
 from latadj_jax.data import splits
-from latadj_jax.runtime import timing
+from latadj_jax.runtime import timing, xla_cache
 from latadj_jax.tuning import evaluate, offline, targets
 
 
@@ -55,7 +55,7 @@ def summary(row: dict, metric: str) -> str:
 def run(args: argparse.Namespace) -> dict:
   """Returns the results: one row per speedup target, then the latency budget."""
   wanted = [targets.validate_speedup(t) for t in args.targets.split(",") if t.strip()]
-  evaluate.setup_compilation_cache(args.cache_dir or Path(args.workdir) / "xla_cache")
+  xla_cache.setup_compilation_cache(args.cache_dir or Path(args.workdir) / "xla_cache")
   r, ep = offline.prepare(args.workdir, args.batch_size, "")
   (enc,) = splits.load_encoded_split(r.run.config, r.task, r.tokenizer, args.split,
                                         args.max_examples)

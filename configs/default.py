@@ -70,4 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_coeffs = ()               # after training, evaluate at these coefficients
   c.time_repeats = 10              # timed runs per coefficient in a sweep (median)
   c.progress = True
+  # JAX's persistent compilation cache, shared by every run: "default" is
+  # $LATADJ_XLA_CACHE or ~/.cache/latadj_jax/xla; "" turns it off.
+  c.compilation_cache = "default"
   return c

@@ -1,9 +1,21 @@
 """Shared fixtures: tiny random BERTs and the offline MiniLM weights."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# One persistent compilation cache per test run, for this process and every subprocess it
+# starts (train.py, eval.py, launched hosts): many tests build the same small programs,
+# and a program compiled once is then loaded, not compiled again. Set before JAX is imported.
+_XLA_CACHE = tempfile.mkdtemp(prefix="latadj-test-xla-")
+atexit.register(shutil.rmtree, _XLA_CACHE, True)
+for _var, _value in (("LATADJ_XLA_CACHE", _XLA_CACHE), ("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE),
+                     ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"),
+                     ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")):
+  os.environ.setdefault(_var, _value)
 
 import pytest
 

@@ -3,7 +3,8 @@
 Executables are keyed by the keep counts, not by ``k``: two coefficients that
 give the same counts share one executable. The in-memory cache holds AOT
 ``jit(...).lower(...).compile()`` results; the JAX persistent compilation cache
-keeps the compiled XLA programs on disk so a second process skips compiling.
+(``runtime.xla_cache``) keeps the compiled XLA programs on disk so a second
+process skips compiling.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -21,18 +21,6 @@ import numpy as np
 from latadj_jax.core import metrics, schedule
 from latadj_jax.data import pipeline
 from latadj_jax.runtime import multihost, timing
-
-
-def setup_compilation_cache(cache_dir: str | Path) -> None:
-  """Points JAX's persistent compilation cache at ``cache_dir`` and keeps every entry.
-
-  Call it before the first JAX computation: the cache is read when JAX
-  compiles, and the thresholds would otherwise skip fast-to-compile programs.
-  """
-  Path(cache_dir).mkdir(parents=True, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir).resolve()))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 @dataclasses.dataclass
