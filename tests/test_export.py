@@ -20,7 +20,7 @@ import transformers
 
 from latadj_jax import models
 from latadj_jax.core import schedule
-from latadj_jax.models import export
+from latadj_jax.serving import export
 from latadj_jax.runtime import config_lib
 from latadj_jax.tasks import lm_eval
 from latadj_jax.training import classifier, lm

@@ -107,7 +107,7 @@ def test_survivor_nll_scores_only_survivors_with_targets():
   mask_BxK = jnp.asarray([[True, True, False]])       # position 5 is a pad
   targets_BxN = jnp.asarray([[0, 4, 0, 6, 0, 2]])
   weights_BxN = jnp.asarray([[1, 1, 1, 0, 1, 1]], jnp.float32)  # position 3 has no target
-  nll_BxK, w_BxK = lm.survivor_nll(logits_BxKxV, positions_BxK, mask_BxK, targets_BxN, weights_BxN)
+  nll_BxK, w_BxK = lm_eval.survivor_nll(logits_BxKxV, positions_BxK, mask_BxK, targets_BxN, weights_BxN)
   np.testing.assert_array_equal(np.asarray(w_BxK), [[1, 0, 0]])
   expected = -jax.nn.log_softmax(logits_BxKxV[0, 0])[4]
   np.testing.assert_allclose(np.asarray(nll_BxK), [[expected, 0, 0]], rtol=1e-6)

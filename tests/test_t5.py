@@ -14,7 +14,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from latadj_jax import models
 from latadj_jax.core import schedule
-from latadj_jax.models import t5, t5_generate
+from latadj_jax.models import t5, t5_attention, t5_generate
 
 VOCAB = 160
 
@@ -133,7 +133,7 @@ def _direct_bias(table_RxH, pos_BxK, bidirectional=True):
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_bucket_matches_hf_over_long_distances(bidirectional):
   rel = np.arange(-1500, 1501)
-  ours = t5.relative_position_bucket(jnp.asarray(rel, jnp.int32), bidirectional, 32, 128)
+  ours = t5_attention.relative_position_bucket(jnp.asarray(rel, jnp.int32), bidirectional, 32, 128)
   ref = T5Attention._relative_position_bucket(torch.tensor(rel), bidirectional, 32, 128)
   np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
 
@@ -142,7 +142,7 @@ def test_position_bias_uses_original_distance():
   table = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
   rng = np.random.default_rng(1)
   pos = np.stack([np.sort(rng.choice(600, 40, replace=False)) for _ in range(2)]).astype(np.int32)
-  ours = t5.position_bias(jnp.asarray(table), jnp.asarray(pos), jnp.asarray(pos), True, 128)
+  ours = t5_attention.position_bias(jnp.asarray(table), jnp.asarray(pos), jnp.asarray(pos), True, 128)
   np.testing.assert_array_equal(np.asarray(ours), _direct_bias(table, pos))
 
 

@@ -9,8 +9,9 @@ Each block attends over all ``N_{l-1}`` word-vectors, then Sort+Eliminate keeps
 projection, residual, ``ln_2`` and MLP run on the kept ones only (METHOD.md
 section 4). Scores use the causal normalization (section 1, eq. 8), the last
 valid token is always kept, and the causal mask compares the carried original
-positions, so a kept token never sees a later one. Generation with a KV cache
-is in ``gpt2_generate``.
+positions, so a kept token never sees a later one. The LM head, its prefill
+and decode are ``lm_head.CausalLM``'s; generation with a KV cache is in
+``gpt2_generate``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 from latadj_jax.core import elimination
 from latadj_jax.models import attention
 from latadj_jax.models.bert import activation, check_keep_counts
+from latadj_jax.models.lm_head import CausalLM
 
 MODEL_TYPES = ("gpt2",)
 BASE_PREFIX = "transformer"  # the body's scope in GPT2LMHeadModel
@@ -298,53 +300,13 @@ class GPT2Module(nn.Module):
     h_Bx1xD, caches = self.h.decode(x_Bx1xD, caches, slot_offsets, pos_B)
     return self.ln_f(h_Bx1xD)[:, 0], caches
 
-  def attend_tokens(self, h_BxND):
-    """Returns logits from the tied input embedding (h @ wte^T), in float32."""
-    return self.wte.attend(h_BxND).astype(jnp.float32)
 
-
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLM):
   """GPT-2 with the LM head, tied to ``wte`` unless ``tie_word_embeddings`` is false."""
   config: GPT2Config
-
-  def setup(self):
-    cfg = self.config
-    self.transformer = GPT2Module(cfg)
-    if not cfg.tie_word_embeddings:
-      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
-                              kernel_init=nn.initializers.normal(cfg.initializer_range))
-
-  def head(self, h_BxND):
-    """Returns float32 logits for hidden states after ``ln_f``."""
-    if self.config.tie_word_embeddings:
-      return self.transformer.attend_tokens(h_BxND)
-    return self.lm_head(h_BxND).astype(jnp.float32)
-
-  def __call__(self, input_ids, attention_mask=None, keep_counts: Sequence[int] | None = None,
-               deterministic: bool = True, output_scores: bool = False,
-               output_hidden_states: bool = False, inputs_embeds=None, position_ids=None):
-    """Returns the body's dict plus ``logits`` [B, N_L, V] at the surviving positions."""
-    out = self.transformer(input_ids, attention_mask, keep_counts, deterministic,
-                           output_scores, output_hidden_states, inputs_embeds, position_ids)
-    out["logits"] = self.head(out["last_hidden_state"])
-    return out
-
-  def prefill(self, input_ids, attention_mask, keep_counts: Sequence[int] | None = None):
-    """Returns (logits_BxV at each row's last valid token, body dict with per-layer ``kv``).
-
-    Only the last token's logits are computed: that is all the first new
-    token needs, and the LM head over every position would dominate the cost.
-    """
-    out = self.transformer(input_ids, attention_mask, keep_counts, output_kv=True)
-    last_BxK = elimination.last_valid_mask(out["mask"])
-    h_BxD = jnp.einsum("bk,bkd->bd", last_BxK.astype(out["last_hidden_state"].dtype),
-                       out["last_hidden_state"])
-    return self.head(h_BxD), out
-
-  def decode(self, token_B, caches, slot_offsets, pos_B, pos_id_B):
-    """Returns (logits_BxV, caches) for one new token per row."""
-    h_BxD, caches = self.transformer.decode(token_B, caches, slot_offsets, pos_B, pos_id_B)
-    return self.head(h_BxD), caches
+  BODY = GPT2Module
+  BODY_SCOPE = BASE_PREFIX
+  EMBEDDING = "wte"
 
 
 def build(hf_config: dict, head: str = "lm", **overrides: Any):

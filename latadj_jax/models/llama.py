@@ -14,6 +14,8 @@ layer rotates it by where the token was in the prompt, not by its new slot;
 the causal mask also compares the carried original positions. Grouped-query
 attention (fewer k/v heads than q heads) is computed per k/v head group,
 without copying k and v. Keys go into the KV cache already rotated, as in HF.
+The RoPE and grouped-query math is in ``llama_attention``; the LM head, its
+prefill and decode are ``lm_head.CausalLM``'s, shared with GPT-2.
 
 Mistral adds a sliding window to the mask (on original positions); its scores
 still use eq. 8's count of all later queries, not only those inside the
@@ -23,17 +25,20 @@ window. Qwen2 adds q/k/v biases. No dropout: this family is used training-free.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from latadj_jax.core import elimination
 from latadj_jax.models.bert import check_keep_counts
 from latadj_jax.models.gpt2 import causal_allowed, default_position_ids
+from latadj_jax.models.lm_head import CausalLM
+# Part of this module's surface (the tasks call ``llama.jit_options`` for any causal LM).
+from latadj_jax.models.lm_head import jit_options as jit_options
+from latadj_jax.models.llama_attention import (apply_rope, gqa_context, gqa_probs, rope_cos_sin,
+                                               rope_inv_freq)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 BASE_PREFIX = "model"  # the body's scope in LlamaForCausalLM
@@ -133,71 +138,6 @@ class LlamaConfig:
   @property
   def n_positions(self) -> int:
     return self.max_position_embeddings
-
-
-def jit_options(module: Any) -> dict[str, Any]:
-  """Returns ``jax.jit`` keyword arguments for a Llama module: Eigen's dots on CPU, else none."""
-  if isinstance(module, (LlamaForCausalLM, LlamaModel)) and jax.default_backend() == "cpu":
-    return {"compiler_options": CPU_COMPILER_OPTIONS}
-  return {}
-
-
-# --- rotary position embeddings -----------------------------------------------------------------
-def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-  """Returns the float32 inverse frequencies [head_dim / 2], computed as HF computes them."""
-  dim = cfg.head_dim
-  inv = (np.float32(1.0) / np.float32(cfg.rope_theta)
-         ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float32)
-  if cfg.rope_type == "linear":
-    return (inv / np.float32(cfg.rope_factor)).astype(np.float32)
-  if cfg.rope_type == "llama3":  # Llama 3.1: stretch low frequencies, keep high, blend between
-    factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-    old = cfg.rope_original_max_positions
-    wavelen = 2 * math.pi / inv
-    scaled = np.where(wavelen > old / lo, inv / factor, inv)
-    smooth = (old / wavelen - lo) / (hi - lo)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
-    return np.where(medium, blended, scaled).astype(np.float32)
-  return inv
-
-
-def rope_cos_sin(pos_BxN: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-  """Returns (cos, sin), each BxNx1xK float32, for RoPE position ids ``pos_BxN``."""
-  freqs_BxNxF = pos_BxN.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-  emb_BxNxK = jnp.concatenate([freqs_BxNxF, freqs_BxNxF], axis=-1)
-  return jnp.cos(emb_BxNxK)[:, :, None], jnp.sin(emb_BxNxK)[:, :, None]
-
-
-def apply_rope(x_BxNxHxK: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Returns x rotated by its positions (HF's rotate-half layout: pairs are (i, i + K/2))."""
-  half = x_BxNxHxK.shape[-1] // 2
-  rotated = jnp.concatenate([-x_BxNxHxK[..., half:], x_BxNxHxK[..., :half]], axis=-1)
-  return x_BxNxHxK * cos.astype(x_BxNxHxK.dtype) + rotated * sin.astype(x_BxNxHxK.dtype)
-
-
-# --- grouped-query attention ----------------------------------------------------------------------
-def gqa_probs(q_BxQxHxK: jax.Array, k_BxSxGxK: jax.Array, allowed_BxQxS: jax.Array) -> jax.Array:
-  """Returns float32 attention probabilities BxHxQxS; query head h reads k/v head h // (H/G).
-
-  The queries of one k/v group are stacked into one matmul, so k is not repeated.
-  """
-  B, Q, H, K = q_BxQxHxK.shape
-  G = k_BxSxGxK.shape[2]
-  q_BxGxRQxK = q_BxQxHxK.transpose(0, 2, 1, 3).reshape(B, G, (H // G) * Q, K)
-  logits = jnp.matmul(q_BxGxRQxK, k_BxSxGxK.transpose(0, 2, 3, 1)).reshape(B, H, Q, -1)
-  logits = logits.astype(jnp.float32) * K ** -0.5
-  # `where`, not an added bias: a fully masked row (a left pad) stays finite.
-  logits = jnp.where(allowed_BxQxS[:, None], logits, jnp.finfo(jnp.float32).min)
-  return jnp.where(allowed_BxQxS[:, None], jax.nn.softmax(logits, axis=-1), 0.0)
-
-
-def gqa_context(probs_BxHxQxS: jax.Array, v_BxSxGxK: jax.Array) -> jax.Array:
-  """Returns the probability-weighted values with heads concatenated, BxQx(H*K)."""
-  B, H, Q, S = probs_BxHxQxS.shape
-  G = v_BxSxGxK.shape[2]
-  ctx = jnp.matmul(probs_BxHxQxS.reshape(B, G, (H // G) * Q, S), v_BxSxGxK.transpose(0, 2, 1, 3))
-  return ctx.reshape(B, H, Q, -1).transpose(0, 2, 1, 3).reshape(B, Q, -1)
 
 
 # --- modules ----------------------------------------------------------------------------------------
@@ -346,6 +286,7 @@ class LlamaLayerCollection(nn.Module):
 class LlamaModel(nn.Module):
   """Llama body: token embedding, layers with Sort+Eliminate, final ``norm`` (HF names)."""
   config: LlamaConfig
+  CPU_COMPILER_OPTIONS = CPU_COMPILER_OPTIONS  # for ``jit_options``; not a dataclass field
 
   def setup(self):
     cfg = self.config
@@ -398,43 +339,13 @@ class LlamaModel(nn.Module):
     return self.norm(h_Bx1xD)[:, 0], caches
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
   """Llama with the LM head, tied to ``embed_tokens`` when ``tie_word_embeddings``."""
   config: LlamaConfig
-
-  def setup(self):
-    cfg = self.config
-    self.model = LlamaModel(cfg)
-    if not cfg.tie_word_embeddings:
-      self.lm_head = _dense(cfg, cfg.vocab_size, False)
-
-  def head(self, h_BxND):
-    """Returns float32 logits for hidden states after ``norm``."""
-    if self.config.tie_word_embeddings:
-      return self.model.embed_tokens.attend(h_BxND).astype(jnp.float32)
-    return self.lm_head(h_BxND).astype(jnp.float32)
-
-  def __call__(self, input_ids, attention_mask=None, keep_counts: Sequence[int] | None = None,
-               deterministic: bool = True, output_scores: bool = False,
-               output_hidden_states: bool = False, inputs_embeds=None, position_ids=None):
-    """Returns the body's dict plus ``logits`` [B, N_L, V] at the surviving positions."""
-    out = self.model(input_ids, attention_mask, keep_counts, deterministic, output_scores,
-                     output_hidden_states, inputs_embeds, position_ids)
-    out["logits"] = self.head(out["last_hidden_state"])
-    return out
-
-  def prefill(self, input_ids, attention_mask, keep_counts: Sequence[int] | None = None):
-    """Returns (logits_BxV at each row's last valid token, body dict with per-layer ``kv``)."""
-    out = self.model(input_ids, attention_mask, keep_counts, output_kv=True)
-    last_BxK = elimination.last_valid_mask(out["mask"])
-    h_BxD = jnp.einsum("bk,bkd->bd", last_BxK.astype(out["last_hidden_state"].dtype),
-                       out["last_hidden_state"])
-    return self.head(h_BxD), out
-
-  def decode(self, token_B, caches, slot_offsets, pos_B, pos_id_B):
-    """Returns (logits_BxV, caches) for one new token per row; ``pos_id_B`` is its RoPE position."""
-    h_BxD, caches = self.model.decode(token_B, caches, slot_offsets, pos_B, pos_id_B)
-    return self.head(h_BxD), caches
+  BODY = LlamaModel
+  BODY_SCOPE = BASE_PREFIX
+  EMBEDDING = "embed_tokens"
+  CPU_COMPILER_OPTIONS = CPU_COMPILER_OPTIONS  # for ``jit_options``; not a dataclass field
 
 
 def build(hf_config: dict, head: str = "lm", **overrides: Any):

@@ -13,14 +13,14 @@ Each encoder block attends over all ``N_{l-1}`` word-vectors, then keeps
 residual and the FFN run on the kept ones (METHOD.md section 4). The relative
 position bias of every layer is computed from the carried original positions,
 so a kept pair gets the bias of its original distance. The decoder's
-cross-attention sees exactly the surviving encoder states. Greedy generation
-with a KV cache is in ``t5_generate``.
+cross-attention sees exactly the surviving encoder states. The relative
+position bias and the attention module are in ``t5_attention``; greedy
+generation with a KV cache is in ``t5_generate``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from latadj_jax.core import elimination
-from latadj_jax.models import attention
 from latadj_jax.models.bert import activation, check_keep_counts
+from latadj_jax.models.t5_attention import T5Attention
 
 MODEL_TYPES = ("t5",)
 BASE_PREFIX = ""  # no body scope: shared, encoder, decoder and lm_head sit at the top
@@ -88,45 +88,6 @@ class T5Config:
     return self.feed_forward_proj.split("-")[-1]
 
 
-def relative_position_bucket(rel: jax.Array, bidirectional: bool, num_buckets: int,
-                             max_distance: int) -> jax.Array:
-  """Returns HF T5's bucket id for each relative position ``key_pos - query_pos``.
-
-  The float ops follow HF's order so that bucket boundaries land identically.
-  """
-  buckets = jnp.zeros_like(rel)
-  if bidirectional:
-    num_buckets //= 2
-    buckets = buckets + (rel > 0).astype(rel.dtype) * num_buckets
-    rel = jnp.abs(rel)
-  else:
-    rel = -jnp.minimum(rel, 0)
-  max_exact = num_buckets // 2
-  # max(., 1) only keeps log finite where the "small" branch is taken anyway.
-  log_ratio = jnp.log(jnp.maximum(rel, 1).astype(jnp.float32) / max_exact)
-  large = max_exact + (log_ratio / math.log(max_distance / max_exact)
-                       * (num_buckets - max_exact)).astype(rel.dtype)
-  large = jnp.minimum(large, num_buckets - 1)
-  return buckets + jnp.where(rel < max_exact, rel, large)
-
-
-def position_bias(table_RxH: jax.Array, pos_q_BxQ: jax.Array, pos_k_BxK: jax.Array,
-                  bidirectional: bool, max_distance: int) -> jax.Array:
-  """Returns the BxHxQxK relative position bias between original positions (not slots)."""
-  rel_BxQxK = pos_k_BxK[:, None, :] - pos_q_BxQ[:, :, None]
-  bucket_BxQxK = relative_position_bucket(rel_BxQxK, bidirectional, table_RxH.shape[0],
-                                          max_distance)
-  return jnp.moveaxis(jnp.take(table_RxH, bucket_BxQxK, axis=0), -1, 1).astype(jnp.float32)
-
-
-def attention_probs(q_BxQxHxK: jax.Array, k_BxSxHxK: jax.Array, bias_BxHxQxS: jax.Array,
-                    allowed_BxQxS: jax.Array) -> jax.Array:
-  """Returns float32 probabilities BxHxQxS; T5 does not scale q.k (masked keys get exactly 0)."""
-  logits = attention.logits(q_BxQxHxK, k_BxSxHxK).astype(jnp.float32) + bias_BxHxQxS
-  logits = jnp.where(allowed_BxQxS[:, None], logits, jnp.finfo(jnp.float32).min)
-  return jnp.where(allowed_BxQxS[:, None], jax.nn.softmax(logits, axis=-1), 0.0)
-
-
 _normal = nn.initializers.normal
 
 
@@ -141,41 +102,6 @@ class T5LayerNorm(nn.Module):
     x = x_BxNxD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.layer_norm_epsilon)
     return (weight_D * x).astype(cfg.dtype)
-
-
-class T5Attention(nn.Module):
-  """Holds q/k/v/o (and block 0's relative bias table); callers run the steps in between."""
-  config: T5Config
-  has_relative_bias: bool = False
-
-  def setup(self):
-    cfg, f = self.config, self.config.initializer_factor
-    inner = cfg.num_heads * cfg.d_kv
-    dense = lambda n, std: nn.Dense(n, use_bias=False, dtype=cfg.dtype,
-                                    kernel_init=_normal(f * std))
-    self.q = dense(inner, (cfg.d_model * cfg.d_kv) ** -0.5)
-    self.k = dense(inner, cfg.d_model ** -0.5)
-    self.v = dense(inner, cfg.d_model ** -0.5)
-    self.o = dense(cfg.d_model, inner ** -0.5)
-    if self.has_relative_bias:
-      self.relative_attention_bias = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads,
-                                              embedding_init=_normal(f * cfg.d_model ** -0.5))
-
-  def heads(self, proj: nn.Module, x_BxNxD):
-    """Returns ``proj(x)`` split into heads: BxNxHxK."""
-    y = proj(x_BxNxD)
-    return y.reshape(y.shape[:2] + (self.config.num_heads, self.config.d_kv))
-
-  def bias(self, pos_q_BxQ, pos_k_BxK, bidirectional: bool):
-    """Returns the BxHxQxK relative position bias from this module's table."""
-    return position_bias(self.relative_attention_bias.embedding, pos_q_BxQ, pos_k_BxK,
-                         bidirectional, self.config.relative_attention_max_distance)
-
-  def attend(self, q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, bias_BxHxQxS, allowed_BxQxS):
-    """Returns (ctx_BxQxF with heads concatenated, float32 probs_BxHxQxS)."""
-    probs = attention_probs(q_BxQxHxK, k_BxSxHxK, bias_BxHxQxS, allowed_BxQxS)
-    ctx = attention.context(probs.astype(self.config.dtype), v_BxSxHxK)
-    return ctx.reshape(ctx.shape[:2] + (-1,)), probs
 
 
 class T5LayerSelfAttention(nn.Module):
