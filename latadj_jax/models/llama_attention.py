@@ -10,16 +10,20 @@ per k/v head group, without copying k and v.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-
 # --- rotary position embeddings -----------------------------------------------------------------
-def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-  """Returns the float32 inverse frequencies [head_dim / 2], computed as HF computes them."""
+def rope_inv_freq(cfg: Any) -> np.ndarray:
+  """Returns the float32 inverse frequencies [head_dim / 2], computed as HF computes them.
+
+  ``cfg`` is a ``llama.LlamaConfig`` (its ``head_dim`` and ``rope_*`` fields); it is not
+  imported here, since ``llama`` imports this module.
+  """
   dim = cfg.head_dim
   inv = (np.float32(1.0) / np.float32(cfg.rope_theta)
          ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float32)

@@ -9,13 +9,13 @@ with the later blocks). Used by ``t5``'s blocks.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from latadj_jax.models import attention
-
 
 
 def relative_position_bucket(rel: jax.Array, bidirectional: bool, num_buckets: int,
@@ -62,7 +62,7 @@ _normal = nn.initializers.normal
 
 class T5Attention(nn.Module):
   """Holds q/k/v/o (and block 0's relative bias table); callers run the steps in between."""
-  config: T5Config
+  config: Any  # a t5.T5Config; not imported here, since t5 imports this module
   has_relative_bias: bool = False
 
   def setup(self):
