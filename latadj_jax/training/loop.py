@@ -169,6 +169,7 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, apply_fn, params,
                             tx=make_optimizer(config, total_steps), frozen=frozen)
   manager = wd.checkpoint_manager(workdir, config.keep_checkpoints)
   best_manager, best = None, wd.load_best(workdir)
+  eval_every = config.get("eval_every", 0)
   # Replicate first: orbax then restores straight onto every process's devices,
   # whatever the process count of the run that saved it.
   state = _replicate(state, mesh)
@@ -203,7 +204,6 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, apply_fn, params,
           _check_finite(pending["loss"], step, last_good, workdir)
           wd.save_checkpoint(manager, step, state)
           last_good = step
-        eval_every = config.get("eval_every", 0)
         if (step % steps_per_epoch == 0 and config.eval_every_epoch or step == total_steps
             or eval_every and step % eval_every == 0):
           eval_metrics = loop.evaluate(state.params)
