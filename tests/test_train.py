@@ -103,6 +103,7 @@ STEP_SCRIPT = textwrap.dedent("""
 
     from latadj_jax import models
     from latadj_jax.models import bert
+    from latadj_jax.training import classifier, loop
     sys.path.insert(0, sys.argv[1])
     cfg = bert.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                           intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
