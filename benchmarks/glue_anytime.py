@@ -84,6 +84,17 @@ def finished(workdir: Path) -> bool:
   return path.exists() and any(k.startswith("eval_") for r in read_jsonl(path) for k in r)
 
 
+def acc_profile(args) -> tuple[float, ...]:
+  """The k = 1 model's ACC profile: ``--acc_profile``, else the ``elim_k1`` workdir's."""
+  if args.acc_profile:
+    return tuple(float(e) for e in args.acc_profile.split(","))
+  path = args.root / "elim_k1" / "profile.json"
+  if not path.exists():
+    sys.exit(f"{path} is missing: train the elim_k1 mode first, or pass --acc_profile "
+             "(its profile, as recorded in the results JSON's train.elim_k1.profile)")
+  return tuple(json.loads(path.read_text())["ep"])
+
+
 def train(args, mode: str) -> dict:
   """Trains one mode (or reuses its finished workdir); returns its summary."""
   from latadj_jax.runtime import workdir as wd
@@ -106,8 +117,7 @@ def train(args, mode: str) -> dict:
             f"--config.anytime_samples={args.anytime_samples}", "--config.anytime_always=1.0",
             f"--config.select_coeffs={grid}", f"--config.eval_every={args.eval_every}"]
     if not flat:  # the k = 1 model's profile: at equal k, equal keep counts
-      ep = json.loads((args.root / "elim_k1" / "profile.json").read_text())["ep"]
-      cmd.append(f"--config.profile={','.join(f'{e:.6f}' for e in ep)}")
+      cmd.append(f"--config.profile={','.join(f'{e:.6f}' for e in acc_profile(args))}")
   wall = None
   if finished(workdir):
     print(f"reusing finished run {workdir}")
@@ -171,7 +181,7 @@ def step_time_ratio(args, teachers: list[str], rounds: int = 8, steps: int = 5) 
   from latadj_jax.core import schedule
   from latadj_jax.runtime import config_lib
   from latadj_jax.training import anytime, classifier, loop, profiling
-  profile = tuple(json.loads((args.root / "elim_k1" / "profile.json").read_text())["ep"])
+  profile = acc_profile(args)
   config = config_lib.load(CONFIGS[args.task])
   config.model, config.learning_rate = args.model, args.lr
   pre, _, task = profiling.load_model_and_task(config)
@@ -269,6 +279,10 @@ def main() -> None:
   p.add_argument("--tag", default="")
   p.add_argument("--root", type=Path, default=None)
   p.add_argument("--skip_timing", action="store_true")
+  p.add_argument("--acc_profile", default="", help="stage 2's ACC profile, comma-separated "
+                 "(default: the elim_k1 workdir's), so stage 2 need not retrain elim_k1")
+  p.add_argument("--fixed_length_mode", default="", help="the trained mode swept padded to "
+                 "max_len (default: the first anytime mode asked for; 'none' skips it)")
   args = p.parse_args()
   from configs import quickstart
   args.model = args.model or quickstart.minilm_dir()
@@ -295,8 +309,8 @@ def main() -> None:
     result["sweeps"][mode] = sweep(args, mode, coeffs)["rows"]
     out.write_text(json.dumps(result, indent=2) + "\n")
   anytime_modes = [m for m in modes if m == "anytime" or m.startswith("s2_")]
-  if anytime_modes:  # the first anytime mode asked for stands for the fixed-length and cache checks
-    lead = anytime_modes[0]
+  lead = args.fixed_length_mode or (anytime_modes[0] if anytime_modes else "none")
+  if lead != "none":  # one anytime mode stands for the fixed-length and cache checks
     result["fixed_length"] = {
         "mode": lead,
         "note": f"every example padded to max_len {args.max_len} (the paper's setting); these "
