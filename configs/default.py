@@ -34,6 +34,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Which word-vectors survive at the keep counts: "score" (the method), or the
   # Table VII ablations "first" (no sort) and "random".
   c.survivors = "score"
+  # Causal LMs (GPT-2, Llama family) add "window": eq. 8 over the last ``score_window``
+  # queries (SnapKV's observation window); the first ``keep_sinks`` and the last
+  # ``keep_recent`` tokens always survive (StreamingLLM's sinks and recent window).
+  c.score_window = 32
+  c.keep_sinks = 0
+  c.keep_recent = 0
   # Anytime training (latadj_jax/anytime.py): e.g. "0.8,0.9,1.0,1.1,1.2" trains one
   # model for every k in the range; empty trains at ``coeff`` alone.
   c.train_coeffs = ""

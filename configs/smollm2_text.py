@@ -44,6 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.coeffs = (1.0, 0.95, 0.9, 0.85, 0.8)
   c.profile = "flat"                # flat | acc (measured on the prompts) | v1,...,v30
   c.profile_batches = 4
+  c.survivors = "score"             # score (eq. 8) | window | first | random: see configs/default.py
+  c.score_window = 32               # window: the last this many queries score the tokens
+  c.keep_sinks = 0                  # the first this many tokens always survive
+  c.keep_recent = 0                 # the last this many tokens always survive
   c.profile_degree = 2
   c.time_repeats = 3
   c.workdir = ""                    # results dir; default workdirs/smollm2_text

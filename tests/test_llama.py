@@ -1,5 +1,6 @@
 """Llama family (issue 16): HF parity, RoPE on original positions, KV cache, GGUF, continuation NLL."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -110,19 +111,25 @@ def _hf_layers(hf, h, positions, start):
   return h
 
 
-def test_rope_rotates_survivors_by_their_original_positions(hf_llama):
+@pytest.mark.parametrize("rule", [{}, dict(survivors="window", score_window=3, keep_sinks=2),
+                                  dict(survivors="first"), dict(survivors="random", keep_recent=2)],
+                         ids=["score", "window_sinks", "first", "random_recent"])
+def test_rope_rotates_survivors_by_their_original_positions(hf_llama, rule):
   """After layer 1 eliminates, layers 2-3 must rotate each survivor by where it was in the prompt.
 
   The reference runs HF's own layers: layer 1 on all 12 tokens, then (at the
-  survivors we kept) layers 2-3 with RoPE at the survivors' original
-  positions. The same reference with slot numbers 0..6 must differ, so the
-  test can tell the two apart.
+  survivors we kept, under each survivor rule) layers 2-3 with RoPE at the
+  survivors' original positions. The same reference with slot numbers 0..6
+  must differ, so the test can tell the two apart.
   """
   hf, pre = hf_llama
+  module = llama.LlamaForCausalLM(dataclasses.replace(pre.config, **rule))
   ids = np.random.default_rng(5).integers(0, VOCAB, (1, 12)).astype(np.int32)
-  out = pre.module.apply({"params": pre.params}, ids, keep_counts=(7, 7, 7))
+  out = module.apply({"params": pre.params}, ids, keep_counts=(7, 7, 7))
   kept = np.asarray(out["layer_positions"][0])[0]
   assert kept[-1] == 11 and not np.array_equal(kept, np.arange(7)), kept
+  if rule.get("survivors") == "first":
+    assert kept.tolist() == [0, 1, 2, 3, 4, 5, 11]
   with torch.no_grad():
     x = hf.model.embed_tokens(torch.tensor(ids, dtype=torch.long))
     one = hf.model.layers[:1]

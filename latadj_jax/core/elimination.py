@@ -16,29 +16,91 @@ Selection = Literal["gather", "onehot"]
 # "score" ranks by the score vector (the method), "first" keeps the earliest
 # positions (no sort), "random" keeps a random subset.
 SURVIVOR_RULES = ("score", "first", "random")
+# Causal models add "window": eq. 8's column sums over the last ``w`` queries only
+# (SnapKV's observation window), since the last queries make the next token.
+CAUSAL_RULES = ("score", "window", "first", "random")
 
 
 def score_vector(probs_BxHxNxN: jax.Array, valid_BxN: jax.Array,
                  positions_BxN: jax.Array | None = None,
-                 causal: bool = False) -> jax.Array:
+                 causal: bool = False, queries_BxN: jax.Array | None = None) -> jax.Array:
   """Returns SV_BxN: how much each word-vector feeds the layer output (pads score 0).
 
   ``SV_j = sum_i A[i, j]`` with ``A`` the head-mean of the attention
-  probabilities, summed over valid queries only. With ``causal``, column ``j``
-  is divided by the number of valid queries that may attend to it (paper eq. 8),
-  counted from the carried original ``positions`` so it stays right after
-  elimination.
+  probabilities, summed over valid queries only (or over ``queries_BxN``, a
+  subset of them: the ``window`` rule's last queries). With ``causal``, column
+  ``j`` is divided by the number of those queries that may attend to it (paper
+  eq. 8), counted from the carried original ``positions`` so it stays right
+  after elimination.
   """
   valid = valid_BxN.astype(jnp.float32)
+  queries = valid if queries_BxN is None else queries_BxN.astype(jnp.float32) * valid
   attn_BxNxN = jnp.mean(probs_BxHxNxN.astype(jnp.float32), axis=1)
-  sv_BxN = jnp.einsum("bq,bqk->bk", valid, attn_BxNxN)
+  sv_BxN = jnp.einsum("bq,bqk->bk", queries, attn_BxNxN)
   if causal:
     if positions_BxN is None:
       positions_BxN = jnp.broadcast_to(jnp.arange(valid.shape[1]), valid.shape)
     sees_BxQxK = positions_BxN[:, :, None] >= positions_BxN[:, None, :]
-    count_BxN = jnp.einsum("bq,bqk->bk", valid, sees_BxQxK.astype(jnp.float32))
+    count_BxN = jnp.einsum("bq,bqk->bk", queries, sees_BxQxK.astype(jnp.float32))
     sv_BxN = sv_BxN / jnp.maximum(count_BxN, 1.0)
   return sv_BxN * valid
+
+
+def last_queries(valid_BxN: jax.Array, window: int) -> jax.Array:
+  """Returns a BxN mask of each row's last ``window`` valid positions (all valid ones if window <= 0)."""
+  valid = valid_BxN.astype(bool)
+  if window <= 0:
+    return valid
+  from_end_BxN = jnp.cumsum(valid[:, ::-1].astype(jnp.int32), axis=-1)[:, ::-1]
+  return valid & (from_end_BxN <= window)
+
+
+def first_valid(valid_BxN: jax.Array, count: int) -> jax.Array:
+  """Returns a BxN mask of each row's first ``count`` valid positions (left padding too)."""
+  valid = valid_BxN.astype(bool)
+  return valid & (jnp.cumsum(valid.astype(jnp.int32), axis=-1) <= count)
+
+
+def causal_protect(valid_BxN: jax.Array, sinks: int = 0, recent: int = 0) -> jax.Array:
+  """Returns int8 protection levels for a causal model (``select_indices`` reads them).
+
+  2: the last valid token (it makes the next one), which always survives; 1: the
+  first ``sinks`` (StreamingLLM's attention sinks) and the last ``recent`` valid
+  tokens, which survive whenever the layer keeps that many; 0: ranked by score.
+  """
+  soft = first_valid(valid_BxN, sinks)
+  if recent > 0:
+    soft = soft | last_queries(valid_BxN, recent)
+  return jnp.where(last_valid_mask(valid_BxN), 2, soft.astype(jnp.int32)).astype(jnp.int8)
+
+
+def check_causal_rule(rule: str, window: int, sinks: int, recent: int) -> None:
+  """Raises ValueError, naming the config field, for a bad causal survivor setting."""
+  if rule not in CAUSAL_RULES:
+    raise ValueError(f"survivors must be one of {CAUSAL_RULES} for a causal LM, got {rule!r}")
+  for name, value in (("score_window", window), ("keep_sinks", sinks), ("keep_recent", recent)):
+    if not isinstance(value, int) or value < 0:
+      raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+  if rule == "window" and window < 1:
+    raise ValueError("survivors='window' needs score_window >= 1 (the last queries to score with)")
+
+
+def causal_ranking(rule: str, probs_BxHxNxN: jax.Array, valid_BxN: jax.Array,
+                   positions_BxN: jax.Array, window: int = 0,
+                   rng: jax.Array | None = None) -> jax.Array:
+  """Returns rank_BxN for a causal layer's survivors under ``rule`` (one of CAUSAL_RULES).
+
+  ``score`` is eq. 8; ``window`` is eq. 8 over the last ``window`` queries
+  (equal to ``score`` when the window covers every query); ``first`` and
+  ``random`` are the Table VII ablations (``first`` keeps the earliest tokens).
+  """
+  if rule not in CAUSAL_RULES:
+    raise ValueError(f"causal survivor rule must be one of {CAUSAL_RULES}, got {rule!r}")
+  if rule in ("score", "window"):
+    queries = last_queries(valid_BxN, window) if rule == "window" else None
+    return score_vector(probs_BxHxNxN, valid_BxN, positions_BxN, causal=True,
+                        queries_BxN=queries)
+  return survivor_ranking(rule, jnp.zeros(valid_BxN.shape, jnp.float32), positions_BxN, rng)
 
 
 def masked_median(x_BxN: jax.Array, valid_BxN: jax.Array) -> jax.Array:
@@ -80,11 +142,16 @@ def select_indices(sv_BxN: jax.Array, valid_BxN: jax.Array, protect_BxN: jax.Arr
                    n_keep: int) -> jax.Array:
   """Returns idx_BxK: the ``n_keep`` top-scoring positions, in ascending original order.
 
-  Protected positions (``[CLS]``, the last causal token) always survive; pads
-  always go first, whatever their score.
+  Protected positions (``[CLS]``; a causal model's last token, sinks and recent
+  window) outrank every score; pads always go first, whatever their score.
+  ``protect_BxN`` is a mask, or levels (``causal_protect``): level 2 outranks
+  level 1, so when a layer keeps fewer than the protected, the last causal
+  token still survives, then the earliest of the rest.
   """
+  level_BxN = protect_BxN.astype(jnp.int32)
   rank_BxN = jnp.where(valid_BxN.astype(bool), sv_BxN.astype(jnp.float32), -1.0)
-  rank_BxN = jnp.where(protect_BxN.astype(bool), jnp.inf, rank_BxN)
+  rank_BxN = jnp.where(level_BxN >= 1, 1e30, rank_BxN)
+  rank_BxN = jnp.where(level_BxN >= 2, jnp.inf, rank_BxN)
   _, idx_BxK = jax.lax.top_k(rank_BxN, n_keep)
   return jnp.sort(idx_BxK, axis=-1)
 
@@ -112,6 +179,32 @@ def eliminate(sv_BxN: jax.Array, valid_BxN: jax.Array, protect_BxN: jax.Array,
   """Returns ``(idx_BxK, *arrays_BxK_)``: Sort+Eliminate applied to every carried array."""
   idx_BxK = select_indices(sv_BxN, valid_BxN, protect_BxN, n_keep)
   return (idx_BxK,) + tuple(gather(a, idx_BxK, method) for a in arrays_BxN_)
+
+
+def causal_step(probs_BxHxNxN: jax.Array, carry: dict, n_keep: int, *arrays_BxN_: jax.Array,
+                rule: str = "score", window: int = 0, with_scores: bool = False,
+                method: Selection = "gather") -> tuple:
+  """One causal layer's Sort+Eliminate: returns ``(SV_BxN or None, carry, *arrays)`` at the survivors.
+
+  ``carry`` holds ``valid``, ``positions`` and ``protect`` (and whatever else
+  travels with the tokens); every entry and every array is gathered. SV is
+  eq. 8's score vector, returned when ``with_scores`` (for ACC) or when the
+  ``score`` rule needs it; the survivors follow ``rule`` (CAUSAL_RULES).
+  Nothing is eliminated when ``n_keep`` is the current length.
+  """
+  valid, positions = carry["valid"], carry["positions"]
+  eliminating = n_keep < valid.shape[1]
+  sv_BxN = None
+  if with_scores or (eliminating and rule == "score"):
+    sv_BxN = score_vector(probs_BxHxNxN, valid, positions, causal=True)
+  if not eliminating:
+    return (sv_BxN, carry, *arrays_BxN_)
+  rank_BxN = sv_BxN if rule == "score" else causal_ranking(rule, probs_BxHxNxN, valid,
+                                                          positions, window)
+  names = sorted(carry)
+  _, *kept = eliminate(rank_BxN, valid, carry["protect"], n_keep, *arrays_BxN_,
+                       *(carry[n] for n in names), method=method)
+  return (sv_BxN, dict(zip(names, kept[len(arrays_BxN_):])), *kept[:len(arrays_BxN_)])
 
 
 def last_valid_mask(valid_BxN: jax.Array) -> jax.Array:

@@ -60,6 +60,24 @@ def load_tensors(params: dict, hf_config: dict, tensors: dict, fmt: str):
   return checkpoints.load_weights(params, tensors, fmt, fam.torch_name_map, fam.BASE_PREFIX)
 
 
+CAUSAL_SURVIVOR_FIELDS = ("survivors", "score_window", "keep_sinks", "keep_recent")
+
+
+def survivor_overrides(config: Any, causal: bool = True) -> dict[str, Any]:
+  """Returns a run config's survivor-rule fields as model-config overrides.
+
+  An encoder takes ``survivors`` only (score, first, random); asking it for
+  sinks or a recent window raises, naming the fields.
+  """
+  if causal:
+    return {f: config[f] for f in CAUSAL_SURVIVOR_FIELDS if f in config}
+  extra = [f for f in ("keep_sinks", "keep_recent") if config.get(f, 0)]
+  if extra:
+    raise ValueError(f"--config.{extra[0]} applies to causal LMs (GPT-2, Llama) only; "
+                     "an encoder always keeps [CLS] and ranks the rest by score")
+  return {"survivors": config.get("survivors", "score")}
+
+
 def from_pretrained(name_or_path: str, head: str | None = None, seed: int = 0,
                     sharding: jax.sharding.Sharding | None = None,
                     **overrides: Any) -> Pretrained:

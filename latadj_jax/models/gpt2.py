@@ -54,6 +54,14 @@ class GPT2Config:
   eos_token_id: int | None = 50256
   dtype: str = "float32"          # activations; parameters stay float32
   selection: str = "gather"       # "gather" or "onehot" token selection
+  survivors: str = "score"        # elimination.CAUSAL_RULES: score (eq. 8), window, first, random
+  score_window: int = 32          # "window": score by the last this many queries (SnapKV)
+  keep_sinks: int = 0             # the first this many tokens always survive (StreamingLLM)
+  keep_recent: int = 0            # the last this many tokens always survive
+
+  def __post_init__(self):
+    elimination.check_causal_rule(self.survivors, self.score_window, self.keep_sinks,
+                                  self.keep_recent)
 
   @classmethod
   def from_hf(cls, hf_config: Any, **overrides: Any) -> "GPT2Config":
@@ -181,16 +189,9 @@ class GPT2Block(nn.Module):
     ctx_BxNxD, probs_BxHxNxN = self.attn.attend(q, k, v, allowed, deterministic)
     # What this layer attended over is what its KV cache must hold.
     kv = {"k": k, "v": v, "valid": carry["valid"], "positions": carry["positions"]}
-    sv_BxN = None
-    if with_scores or n_keep < h_BxNxD.shape[1]:
-      sv_BxN = elimination.score_vector(probs_BxHxNxN, carry["valid"], carry["positions"],
-                                        causal=True)
-    if n_keep < h_BxNxD.shape[1]:
-      names = sorted(carry)
-      _, ctx_BxNxD, h_BxNxD, *kept = elimination.eliminate(
-          sv_BxN, carry["valid"], carry["protect"], n_keep, ctx_BxNxD, h_BxNxD,
-          *(carry[n] for n in names), method=cfg.selection)
-      carry = dict(zip(names, kept))
+    sv_BxN, carry, ctx_BxNxD, h_BxNxD = elimination.causal_step(
+        probs_BxHxNxN, carry, n_keep, ctx_BxNxD, h_BxNxD, rule=cfg.survivors,
+        window=cfg.score_window, with_scores=with_scores, method=cfg.selection)
     return self._finish(h_BxNxD, ctx_BxNxD, deterministic), carry, sv_BxN, kv
 
   def decode(self, h_Bx1xD, cache: dict, slot, pos_B):
@@ -279,7 +280,7 @@ class GPT2Module(nn.Module):
     h_BxNxD = self.dropout(x_BxNxD + self.wpe(position_ids), deterministic=deterministic)
     carry = {"valid": valid_BxN,
              "positions": jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N)),
-             "protect": elimination.last_valid_mask(valid_BxN)}
+             "protect": elimination.causal_protect(valid_BxN, cfg.keep_sinks, cfg.keep_recent)}
     h_BxKxD, carry, aux = self.h(h_BxNxD, carry, counts, deterministic, output_scores,
                                  output_hidden_states)
     h_BxKxD = self.ln_f(h_BxKxD)

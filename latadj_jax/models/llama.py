@@ -82,8 +82,14 @@ class LlamaConfig:
   model_type: str = "llama"
   dtype: str = "float32"                   # activations; parameters stay float32
   selection: str = "gather"                # "gather" or "onehot" token selection
+  survivors: str = "score"                 # elimination.CAUSAL_RULES: score (eq. 8), window, ...
+  score_window: int = 32                   # "window": score by the last this many queries
+  keep_sinks: int = 0                      # the first this many tokens always survive
+  keep_recent: int = 0                     # the last this many tokens always survive
 
   def __post_init__(self):
+    elimination.check_causal_rule(self.survivors, self.score_window, self.keep_sinks,
+                                  self.keep_recent)
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"RoPE type {self.rope_type!r} is not supported; supported: {ROPE_TYPES}")
     if self.num_attention_heads % self.kv_heads:
@@ -228,16 +234,9 @@ class LlamaDecoderLayer(nn.Module):
     allowed = self.self_attn.allowed(carry["positions"], carry["positions"], carry["valid"])
     ctx_BxNxD, probs_BxHxNxN = self.self_attn.attend(q, k, v, allowed)
     kv = {"k": k, "v": v, "valid": carry["valid"], "positions": carry["positions"]}
-    sv_BxN = None
-    if with_scores or n_keep < h_BxNxD.shape[1]:
-      sv_BxN = elimination.score_vector(probs_BxHxNxN, carry["valid"], carry["positions"],
-                                        causal=True)
-    if n_keep < h_BxNxD.shape[1]:
-      names = sorted(carry)
-      _, ctx_BxNxD, h_BxNxD, *kept = elimination.eliminate(
-          sv_BxN, carry["valid"], carry["protect"], n_keep, ctx_BxNxD, h_BxNxD,
-          *(carry[n] for n in names), method=cfg.selection)
-      carry = dict(zip(names, kept))
+    sv_BxN, carry, ctx_BxNxD, h_BxNxD = elimination.causal_step(
+        probs_BxHxNxN, carry, n_keep, ctx_BxNxD, h_BxNxD, rule=cfg.survivors,
+        window=cfg.score_window, with_scores=with_scores, method=cfg.selection)
     return self._finish(h_BxNxD, ctx_BxNxD), carry, sv_BxN, kv
 
   def decode(self, h_Bx1xD, cache: dict, slot, pos_B, rope_pos_B):
@@ -319,7 +318,7 @@ class LlamaModel(nn.Module):
     carry = {"valid": valid_BxN,
              "positions": jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N)),
              "rope_pos": jnp.asarray(position_ids, jnp.int32),
-             "protect": elimination.last_valid_mask(valid_BxN)}
+             "protect": elimination.causal_protect(valid_BxN, cfg.keep_sinks, cfg.keep_recent)}
     h_BxKxD, carry, aux = self.layers(x_BxNxD, carry, counts, output_scores, output_hidden_states)
     h_BxKxD = self.norm(h_BxKxD)
     out = {"last_hidden_state": h_BxKxD, "mask": carry["valid"],

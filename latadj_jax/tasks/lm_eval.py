@@ -241,7 +241,8 @@ def restore(workdir: str | Path) -> RestoredLM:
   """Returns the latest checkpoint of an LM workdir with its module and tokenizer."""
   import transformers
   run = wd.load_run(workdir)
-  module, _, dummy = models.build(run.hf_config, "lm", dtype=run.config.dtype)
+  module, _, dummy = models.build(run.hf_config, "lm", dtype=run.config.dtype,
+                                  **models.survivor_overrides(run.config))
   abstract = jax.eval_shape(lambda: models.init_params(module, dummy))
   params, step = wd.restore_params(run.workdir, abstract)
   params = single_device(params)

@@ -114,7 +114,7 @@ def scratch_hf_config(shape: Any, vocab_size: int, eos_id: int | None) -> dict:
 def load_model(config: ml_collections.ConfigDict) -> tuple[models.Pretrained, Any]:
   """Returns ``(Pretrained, tokenizer)``: HF GPT-2 weights, or (``model=""``) a random GPT-2 of ``config.gpt2``."""
   drop = dict(resid_pdrop=config.dropout, embd_pdrop=config.dropout,
-              attn_pdrop=config.dropout, dtype=config.dtype)
+              attn_pdrop=config.dropout, dtype=config.dtype, **models.survivor_overrides(config))
   if config.model:
     pre = models.from_pretrained(config.model, head="lm", seed=config.seed, **drop)
     tokenizer = text.load_tokenizer(config.tokenizer, pre.model_dir)

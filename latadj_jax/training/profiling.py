@@ -24,7 +24,7 @@ def load_model_and_task(config: ml_collections.ConfigDict):
   pre = models.from_pretrained(
       config.model, head="classification", seed=config.seed, num_labels=task.num_labels,
       hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout,
-      dtype=config.dtype, survivors=config.get("survivors", "score"))
+      dtype=config.dtype, **models.survivor_overrides(config, causal=False))
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(pre.model_dir))
   return pre, tokenizer, task
 

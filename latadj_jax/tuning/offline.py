@@ -43,7 +43,7 @@ def restore(workdir: str | Path) -> Restored:
   task = splits.task_of(run.config)
   module, cfg, dummy = models.build(run.hf_config, "classification", num_labels=task.num_labels,
                                     dtype=run.config.dtype,
-                                    survivors=run.config.get("survivors", "score"))
+                                    **models.survivor_overrides(run.config, causal=False))
   abstract = jax.eval_shape(lambda: models.init_params(module, dummy))
   params, step = wd.restore_params(run.workdir, abstract)
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(run.workdir / wd.TOKENIZER))

