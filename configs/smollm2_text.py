@@ -5,6 +5,8 @@
     python eval.py --config=smollm2_text --config.data_dir=../shared/data/text/shakespeare \
         --coeff 1.0,0.95,0.9,0.85,0.8                                       # the README's figures
     python eval.py --config=smollm2_text --config.profile=acc      # profile measured on the prompts
+    python eval.py --config=smollm2_text --config.survivors=window --config.score_window=32 \
+        --config.keep_sinks=4 --config.keep_recent=16                 # a survivor rule (issue 24)
 
 Each window of the held-out text (the last 10% of each play) is a 256-token
 prompt and the 32 tokens that follow. The prompt is prefilled with
@@ -33,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "continuation"
   c.model = _smollm2()              # a .gguf file, a directory holding one, or an HF Llama dir
+  c.init_from = ""                  # or an LM training workdir's parameters (smollm2_shakespeare)
   c.dtype = "float32"
   c.data_dir = str(SAMPLE_TEXT)     # Macbeth, shipped; any directory of .txt files works
   c.split = "validation"

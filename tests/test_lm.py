@@ -1,5 +1,6 @@
 """Causal LM training and evaluation with elimination: survivor loss, resume, perplexity, last word, CLI (issue 5)."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -200,6 +201,61 @@ def test_lm_resume_after_kill_matches_uninterrupted(trained, text_dir, tmp_path,
   assert "resumed from step 2" in capsys.readouterr().out
   for a, b in zip(jax.tree.leaves(_params(trained[0])), jax.tree.leaves(_params(workdir))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_anytime_lm_terms_distill_at_each_students_survivors(tiny_model):
+  """The teacher term is the plain model's survivor NLL; a student's is T^2 KL at its survivors only."""
+  from latadj_jax.training import anytime
+  module, params = tiny_model
+  module = gpt2.GPT2LMHeadModel(dataclasses.replace(module.config, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                    attn_pdrop=0.0))
+  rng = np.random.default_rng(3)
+  ids = rng.integers(0, 50, (2, 12)).astype(np.int32)
+  batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+           "targets": np.roll(ids, -1, axis=1), "target_weights": np.ones((2, 12), np.float32)}
+  batch["target_weights"][:, -1] = 0
+  spec = anytime.AnytimeSpec((0.5, 0.8, 1.0), num_sampled=1, teacher="full")
+  schedules = {k: schedule.keep_counts(12, k, (1.0, 1.0)) for k in spec.coeffs}
+  terms = lm.anytime_loss_sums(params, batch, jax.random.PRNGKey(0), module=module, spec=spec,
+                               schedules=schedules, sampled=(0.8,))
+  assert set(terms) == {"label", "smallest", "sampled0"}
+  total, count = lm.loss_sums(params, batch, None, module=module, keep_counts=None,
+                              deterministic=True)
+  np.testing.assert_allclose(np.asarray(terms["label"][0]), np.asarray(total), rtol=1e-6)
+  assert float(terms["label"][1]) == float(count) == 22
+  # The smallest student by hand: KL(teacher || student) at each of its scored survivors.
+  full = module.apply({"params": params}, ids)["logits"]
+  out = module.apply({"params": params}, ids, keep_counts=schedules[0.5])
+  pos = np.asarray(out["positions"])
+  teacher = jax.nn.log_softmax(np.take_along_axis(np.asarray(full), pos[..., None], 1))
+  student = jax.nn.log_softmax(out["logits"])
+  kl = np.asarray(jnp.sum(jnp.exp(teacher) * (teacher - student), -1))
+  w = pos < 11  # the last position has no target
+  np.testing.assert_allclose(float(terms["smallest"][0]), float((kl * w).sum()), rtol=1e-5)
+  assert float(terms["smallest"][1]) == w.sum() and w.sum() < 22
+
+
+def test_anytime_lm_run_compiles_one_step_per_draw(text_dir, tmp_path, monkeypatch):
+  built = []
+  real = lm.make_anytime_step
+
+  def spy(*args, **kwargs):
+    step = real(*args, **kwargs)
+    built.append(step)
+    return step
+
+  monkeypatch.setattr(lm, "make_anytime_step", spy)
+  config = tiny_lm_config(text_dir, train_coeffs="0.6,0.8,0.9,1.0", anytime_samples=1,
+                          teacher="full", profile="flat", max_train_examples=64, checkpoint_every=100)
+  lm.train_and_evaluate(config, tmp_path / "any")
+  lines = [json.loads(l) for l in (tmp_path / "any" / "metrics.jsonl").read_text().splitlines()]
+  logged = [l for l in lines if "loss" in l]
+  assert logged and all({"loss_label", "loss_smallest", "loss_sampled0"} <= set(l) for l in logged)
+  (step,) = built
+  assert 1 <= len(step.compiled) <= 3 and all(len(k[1]) == 1 for k in step.compiled)
+  with pytest.raises(ValueError, match="teacher=full"):
+    lm.train_and_evaluate(tiny_lm_config(text_dir, train_coeffs="0.6,1.0", teacher="largest"),
+                          tmp_path / "bad")
 
 
 # --- evaluation -------------------------------------------------------------------------------

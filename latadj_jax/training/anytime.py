@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +95,12 @@ class AnytimeSpec:
     return tuple(k for k in self.coeffs
                  if k not in self.fixed_students and k != self.teacher_coeff)
 
+  def students(self, sampled: Sequence[float]) -> list[tuple[str, float]]:
+    """Returns one step's (loss name, coefficient) students: smallest, always, then sampled."""
+    return ([("smallest", self.smallest)]
+            + [(f"always{j}", k) for j, k in enumerate(self.fixed_students[1:])]
+            + [(f"sampled{j}", k) for j, k in enumerate(sampled)])
+
   def draws(self) -> list[tuple[float, ...]]:
     """Returns every set of sampled coefficients a step may draw (the compiled variants)."""
     n = min(self.num_sampled, len(self.pool))
@@ -105,6 +111,32 @@ class AnytimeSpec:
     n = min(self.num_sampled, len(self.pool))
     rnd = random.Random(seed * 1_000_003 + step)
     return tuple(sorted(rnd.sample(self.pool, n)))
+
+
+def dispatcher(spec: AnytimeSpec, seed: int, build: Callable[[int, tuple[float, ...]], Callable],
+               prepare: Callable[[dict], Any]) -> Callable:
+  """Returns step(state, host batch, rng) running the executable of this step's (bucket, draw).
+
+  ``build(bucket, sampled)`` makes the executable, once per key, on first use:
+  at most ``len(buckets) * len(spec.draws())`` across a run; ``prepare``
+  shards the host batch. The draw is a function of the step number, read
+  from the state once and then counted here, so dispatch stays asynchronous.
+  """
+  steps: dict[tuple[int, tuple[float, ...]], Callable] = {}
+  counter = {"step": None}
+
+  def step(state, batch, rng):
+    if counter["step"] is None:
+      counter["step"] = int(state.step)
+    sampled = spec.draw(seed, counter["step"])
+    counter["step"] += 1
+    key = (batch["input_ids"].shape[1], sampled)
+    if key not in steps:
+      steps[key] = build(*key)
+    return steps[key](state, prepare(batch), rng)
+
+  step.compiled = steps  # exposed for tests: the executables built so far
+  return step
 
 
 def parse_coeffs(value) -> tuple[float, ...]:
@@ -177,10 +209,7 @@ def loss_terms(params, batch: dict, rng: jax.Array, frozen: Any = None, *, modul
     counts = None if spec.teacher == "full" else schedules[spec.largest]
     teacher = logits_at(params, counts, 0, dropout=True)
     terms["label"] = jnp.sum(label_loss(teacher, batch["labels"], is_regression) * w_B)
-  students = ([("smallest", spec.smallest)]
-              + [(f"always{j}", k) for j, k in enumerate(spec.fixed_students[1:])]
-              + [(f"sampled{j}", k) for j, k in enumerate(sampled)])
-  for i, (name, k) in enumerate(students, start=1):
+  for i, (name, k) in enumerate(spec.students(sampled), start=1):
     student = logits_at(params, schedules[k], i, dropout=spec.student_dropout)
     per_example = spec.distill_weight * distill_loss(teacher, student, is_regression,
                                                      spec.temperature)

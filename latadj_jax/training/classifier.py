@@ -74,22 +74,10 @@ def make_anytime_step(mesh, *, module, spec: anytime.AnytimeSpec, profile, bucke
   counted here, so dispatch stays asynchronous.
   """
   schedules = {b: {k: schedule.keep_counts(b, k, profile) for k in spec.coeffs} for b in buckets}
-  steps: dict[tuple[int, tuple[float, ...]], Callable] = {}
-  counter = {"step": None}
-
-  def step(state, batch, rng):
-    if counter["step"] is None:
-      counter["step"] = int(state.step)
-    sampled = spec.draw(seed, counter["step"])
-    counter["step"] += 1
-    key = (batch["input_ids"].shape[1], sampled)
-    if key not in steps:
-      steps[key] = compiled_anytime_step(mesh, module, spec, schedules[key[0]], sampled,
-                                         is_regression)
-    return steps[key](state, shard_batch(batch, mesh), rng)
-
-  step.compiled = steps  # exposed for tests: the executables built so far
-  return step
+  return anytime.dispatcher(
+      spec, seed, lambda bucket, sampled: compiled_anytime_step(mesh, module, spec, schedules[bucket],
+                                                               sampled, is_regression),
+      lambda batch: shard_batch(batch, mesh))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:

@@ -32,7 +32,7 @@ from latadj_jax.data import pipeline, text
 from latadj_jax.runtime import multihost
 from latadj_jax.runtime import workdir as wd
 from latadj_jax.tasks import lm_eval
-from latadj_jax.training import loop, profiling
+from latadj_jax.training import anytime, loop, profiling
 
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "target_weights")
 
@@ -67,6 +67,68 @@ def train_step(state: loop.TrainState, batch: dict, rng: jax.Array, *, module, k
 
   (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   return state.apply_gradients(grads=grads), {"loss": jax.lax.psum(loss, axis), "scored": count}
+
+
+def anytime_loss_sums(params, batch: dict, rng, *, module, spec: anytime.AnytimeSpec,
+                      schedules: dict[float, tuple[int, ...]], sampled: tuple[float, ...]
+                      ) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """Returns {term: (loss sum, scored count)} of one (local) batch for anytime LM training.
+
+  The teacher is the live model with no elimination, on the next-token labels
+  (``teacher="full"``). Each student (``spec.students``) learns the teacher's
+  next-token distribution at its own survivors, ``T^2 KL``, plus
+  ``student_label_weight`` times its survivor NLL; each term is a mean over
+  the positions it scores.
+  """
+  def run(counts, i: int, dropout: bool):
+    return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                        keep_counts=counts, deterministic=not dropout,
+                        rngs={"dropout": jax.random.fold_in(rng, i)} if dropout else None)
+
+  full = run(None, 0, dropout=True)
+  nll, w = lm_eval.survivor_nll(full["logits"], full["positions"], full["mask"],
+                                batch["targets"], batch["target_weights"])
+  terms = {"label": (jnp.sum(nll), jnp.sum(w))}
+  teacher_BxNxV = jax.lax.stop_gradient(full["logits"])  # every position: nothing eliminated
+  for i, (name, k) in enumerate(spec.students(sampled), start=1):
+    out = run(schedules[k], i, dropout=spec.student_dropout)
+    nll_BxK, w_BxK = lm_eval.survivor_nll(out["logits"], out["positions"], out["mask"],
+                                          batch["targets"], batch["target_weights"])
+    at_BxKxV = jnp.take_along_axis(teacher_BxNxV, out["positions"][..., None], axis=1)
+    per = spec.distill_weight * anytime.distill_loss(at_BxKxV, out["logits"], False,
+                                                     spec.temperature)
+    if spec.student_label_weight:
+      per = per + spec.student_label_weight * nll_BxK
+    terms[name] = (jnp.sum(per * w_BxK), jnp.sum(w_BxK))
+  return terms
+
+
+def anytime_train_step(state: loop.TrainState, batch: dict, rng: jax.Array, *, module, spec,
+                       schedules, sampled, axis: str = "data") -> tuple[loop.TrainState, dict]:
+  """Returns the updated state and each term's global mean; runs per device in ``shard_map``."""
+  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis))
+
+  def loss_fn(params):
+    terms = anytime_loss_sums(params, batch, rng, module=module, spec=spec, schedules=schedules,
+                              sampled=sampled)
+    means = {name: total / jnp.maximum(jax.lax.psum(jax.lax.stop_gradient(count), axis), 1.0)
+             for name, (total, count) in terms.items()}
+    return sum(means.values()), means
+
+  (loss, means), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  logs = {f"loss_{name}": jax.lax.psum(v, axis) for name, v in means.items()}
+  return state.apply_gradients(grads=grads), {"loss": jax.lax.psum(loss, axis), **logs}
+
+
+def make_anytime_step(mesh, module, spec: anytime.AnytimeSpec, profile, block: int, seed: int):
+  """Returns step(state, host batch, rng): one executable per draw of middle coefficients."""
+  if spec.teacher != "full":
+    raise ValueError(f"anytime LM training takes --config.teacher=full (the model with no "
+                     f"elimination, on the labels), got {spec.teacher!r}")
+  schedules = {k: schedule.keep_counts(block, k, profile) for k in spec.coeffs}
+  build = lambda bucket, sampled: loop.jit_data_parallel(mesh, functools.partial(
+      anytime_train_step, module=module, spec=spec, schedules=schedules, sampled=sampled))
+  return anytime.dispatcher(spec, seed, build, lambda batch: shard_batch(batch, mesh))
 
 
 def compiled_step(mesh, module, keep_counts):
@@ -112,16 +174,23 @@ def scratch_hf_config(shape: Any, vocab_size: int, eos_id: int | None) -> dict:
 
 
 def load_model(config: ml_collections.ConfigDict) -> tuple[models.Pretrained, Any]:
-  """Returns ``(Pretrained, tokenizer)``: HF GPT-2 weights, or (``model=""``) a random GPT-2 of ``config.gpt2``."""
-  drop = dict(resid_pdrop=config.dropout, embd_pdrop=config.dropout,
-              attn_pdrop=config.dropout, dtype=config.dtype, **models.survivor_overrides(config))
+  """Returns ``(Pretrained, tokenizer)``: HF or GGUF weights (GPT-2, Llama family), or
+  (``model=""``) a random GPT-2 of ``config.gpt2``."""
+  rules = models.survivor_overrides(config)
   if config.model:
-    pre = models.from_pretrained(config.model, head="lm", seed=config.seed, **drop)
-    tokenizer = text.load_tokenizer(config.tokenizer, pre.model_dir)
+    pre = with_dropout(models.from_pretrained(config.model, head="lm", seed=config.seed,
+                                              dtype=config.dtype, **rules), config.dropout)
+    if pre.gguf_file is not None and config.tokenizer == "model":
+      from latadj_jax.models import gguf_loader
+      tokenizer = gguf_loader.load_tokenizer(pre.gguf_file)
+    else:
+      tokenizer = text.load_tokenizer(config.tokenizer, pre.model_dir)
   else:
     tokenizer = text.load_tokenizer(config.tokenizer, None)
     hf_config = scratch_hf_config(config.gpt2, len(tokenizer), tokenizer.eos_token_id)
-    module, cfg, dummy = models.build(hf_config, "lm", **drop)
+    module, cfg, dummy = models.build(hf_config, "lm", resid_pdrop=config.dropout,
+                                      embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+                                      dtype=config.dtype, **rules)
     pre = models.Pretrained(module, models.init_params(module, dummy, config.seed), cfg,
                             hf_config, None, None)
   if len(tokenizer) > pre.config.vocab_size:
@@ -131,6 +200,16 @@ def load_model(config: ml_collections.ConfigDict) -> tuple[models.Pretrained, An
     raise ValueError(f"block_size {config.block_size} exceeds the model's "
                      f"{pre.config.n_positions} positions; lower --config.block_size")
   return pre, tokenizer
+
+
+def with_dropout(pre: models.Pretrained, rate: float) -> models.Pretrained:
+  """Returns ``pre`` with GPT-2's three dropout rates set to ``rate`` (a Llama has none)."""
+  if hasattr(pre.config, "resid_pdrop"):
+    cfg = dataclasses.replace(pre.config, resid_pdrop=rate, embd_pdrop=rate, attn_pdrop=rate)
+    return dataclasses.replace(pre, module=type(pre.module)(cfg), config=cfg)
+  if rate:
+    raise ValueError(f"{type(pre.config).__name__} has no dropout; set --config.dropout=0")
+  return pre
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +251,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   loop.check_batch_size(config.batch_size)
   pad_id = tokenizer.pad_token_id or 0
 
+  spec = anytime.spec_from_config(config)
+
   def make_step(mesh):
+    if spec is not None:
+      return make_anytime_step(mesh, pre.module, spec, ep, block, config.seed)
     step_fn = compiled_step(mesh, pre.module, counts)
     return lambda state, batch, rng: step_fn(state, shard_batch(batch, mesh), rng)
 
   def scored_fraction(out, batch):
     # The last step's share of target positions that survived to be scored.
+    if "scored" not in out:  # anytime: each term's loss instead (its schedule's own share)
+      return {k: float(v) for k, v in out.items() if k.startswith("loss_")}
     return {"scored_fraction": float(out["scored"]) / max(float(batch["target_weights"].sum()), 1.0)}
 
   lm_loop = loop.Loop(
