@@ -256,6 +256,25 @@ def plot(result: dict, metric: str, out: Path) -> None:
   fig.savefig(out, dpi=120)
 
 
+def markdown(result: dict, metric: str) -> str:
+  """Returns one Markdown table per profile: k, expected speedup, then each mode's metric."""
+  lines = []
+  for flat in (False, True):
+    modes = [m for m in result["sweeps"] if (m in FLAT_MODES) == flat and m in LABELS]
+    if not modes:
+      continue
+    rows = {m: {r["coeff"]: r for r in result["sweeps"][m]} for m in modes}
+    ks = sorted({k for m in modes for k in rows[m]})
+    lines += ["", f"{'flat' if flat else 'ACC'} profile:", "",
+              "| k | expected speedup | " + " | ".join(modes) + " |",
+              "|---|---|" + "---|" * len(modes)]
+    for k in ks:
+      speed = next(rows[m][k]["expected_speedup_all_buckets"] for m in modes if k in rows[m])
+      cells = [f"{100 * rows[m][k][metric]:.2f}" if k in rows[m] else "" for m in modes]
+      lines.append(f"| {k:g} | {speed:.2f}x | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--task", default="sst2", choices=sorted(CONFIGS))
@@ -327,6 +346,7 @@ def main() -> None:
   curves = {m: r for m, r in result["sweeps"].items() if m in LABELS}
   if curves:
     plot({**result, "sweeps": curves}, metric, out.with_suffix(".png"))
+  print(markdown(result, metric))
   print(f"wrote {out}")
 
 
