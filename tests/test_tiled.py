@@ -64,3 +64,31 @@ def test_block_size_divides():
   assert attention.block_size(100, 64) == 50 and attention.block_size(7, 4) == 1
   with pytest.raises(ValueError, match="does not divide"):
     attention.query_blocked(None, None, 10, 4)
+
+
+def test_bert_blocked_attention_equals_the_whole_matrix():
+  """Logits, score vectors and survivors of a tiny BERT with elimination and padding; gradients too."""
+  import dataclasses
+
+  from latadj_jax.models import bert
+  cfg = bert.BertConfig(vocab_size=60, hidden_size=24, num_hidden_layers=3, num_attention_heads=3,
+                        intermediate_size=32, max_position_embeddings=32,
+                        attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
+                        per_example_attention=False)
+  whole = bert.BertForSequenceClassification(cfg)
+  blocked = bert.BertForSequenceClassification(dataclasses.replace(cfg, attention_block=4))
+  ids = np.random.default_rng(0).integers(1, 60, (2, 16)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 9:] = 0
+  params = whole.init(jax.random.PRNGKey(0), ids, mask)["params"]
+  run = lambda m, p: m.apply({"params": p}, ids, mask, keep_counts=(12, 8, 5), output_scores=True)
+  a, b = run(whole, params), run(blocked, params)
+  np.testing.assert_allclose(np.asarray(b["logits"]), np.asarray(a["logits"]), atol=1e-5)
+  for sa, sb in zip(a["scores"], b["scores"]):
+    np.testing.assert_allclose(np.asarray(sb), np.asarray(sa), atol=1e-5)
+  loss = lambda m: lambda p: jnp.sum(m.apply({"params": p}, ids, mask, keep_counts=(12, 8, 5),
+                                             deterministic=False,
+                                             rngs={"dropout": jax.random.PRNGKey(1)})["logits"] ** 2)
+  ga, gb = jax.grad(loss(whole))(params), jax.grad(loss(blocked))(params)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)

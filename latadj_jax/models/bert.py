@@ -48,6 +48,9 @@ class BertConfig:
   survivors: str = "score"        # "score" (the method), "first" or "random": the Table VII ablation
   # Inference attention one example at a time (lax.map over the batch): None = on CPU only.
   per_example_attention: bool | None = None
+  # > 0: attention one block of this many queries at a time (inference and training), the
+  # score vector summed inside the loop, so the BxHxNxN probabilities are never all written.
+  attention_block: int = 0
 
   def __post_init__(self):
     for field in ("dtype", "param_dtype"):
@@ -144,6 +147,30 @@ def attention_core(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, valid_BxN, dtype, with_sv: b
   return ctx_BxNxHxK, probs_BxHxNxN, sv_BxN
 
 
+def attention_blocked(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, valid_BxN, dtype, with_sv: bool,
+                      block: int, dropout=None):
+  """Returns (ctx_BxNxHxK, sv_BxN or None): ``attention_core`` over blocks of ``block`` queries.
+
+  ``dropout(probs, start)`` (training) drops each block's probabilities after
+  the score vector has read them, as the whole-matrix path does.
+  """
+  N = q_BxNxHxK.shape[1]
+  q_scaled = q_BxNxHxK * q_BxNxHxK.shape[-1] ** -0.5
+  bias = attention_bias(valid_BxN)
+
+  def probs_of(start, size):
+    rows = jax.lax.dynamic_slice_in_dim(q_scaled, start, size, axis=1)
+    return jax.nn.softmax(attention.logits(rows, k_BxNxHxK).astype(jnp.float32) + bias, axis=-1)
+
+  def context_of(probs, start, size):
+    probs = probs if dropout is None else dropout(probs, start)
+    return attention.context(probs.astype(dtype), v_BxNxHxK)
+
+  ctx, colsum = attention.query_blocked(probs_of, context_of, N, attention.block_size(N, block),
+                                        valid_BxN if with_sv else None)
+  return ctx, (colsum * valid_BxN if with_sv else None)
+
+
 def attention_per_example(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, valid_BxN, dtype, with_sv: bool):
   """Returns (ctx_BxNxHxK, sv_BxN or None): ``attention_core`` one example at a time.
 
@@ -176,7 +203,17 @@ class BertSelfAttention(nn.Module):
     per_example = cfg.per_example_attention
     if per_example is None:
       per_example = jax.default_backend() == "cpu"
-    if deterministic and per_example:
+    if cfg.attention_block > 0:
+      rate = cfg.attention_probs_dropout_prob
+      dropout = None
+      if not deterministic and rate > 0:
+        rng = self.make_rng("dropout")
+        dropout = lambda p, start: jnp.where(
+            jax.random.bernoulli(jax.random.fold_in(rng, start), 1.0 - rate, p.shape),
+            p / (1.0 - rate), 0.0)
+      ctx_BxNxHxK, sv_BxN = attention_blocked(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, valid_BxN,
+                                              cfg.dtype, with_sv, cfg.attention_block, dropout)
+    elif deterministic and per_example:
       ctx_BxNxHxK, sv_BxN = attention_per_example(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, valid_BxN,
                                                   cfg.dtype, with_sv)
     else:
