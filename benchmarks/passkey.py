@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from latadj_jax import models
@@ -71,9 +72,9 @@ def answers(module, params, tokenizer, ids: np.ndarray, counts, new_tokens: int,
 
 def needle_survives(module, params, ids: np.ndarray, counts, needle_at: list[int]) -> list[bool]:
   """Returns, per prompt, whether the needle's first token is still there after the last layer."""
-  pos = np.asarray(jax.jit(lambda p, i: module.apply({"params": p}, i, keep_counts=counts,
-                                                    method=type(module).prefill)[1]["positions"])(
-      params, ids))
+  prefill = lambda p, i: module.apply({"params": p}, i, jnp.ones_like(i), counts,
+                                      method=type(module).prefill)[1]["positions"]
+  pos = np.asarray(jax.jit(prefill)(params, jnp.asarray(ids)))
   return [bool(at in row) for at, row in zip(needle_at, pos)]
 
 
