@@ -158,6 +158,7 @@ def test_passkey_prompts_have_the_exact_length_and_the_key_at_its_depth():
   needle = len(tok(passkey.NEEDLE.format(key=p.keys[2]), add_special_tokens=False)["input_ids"])
   # Depth 0: right after the introduction; 1: right before the question; 0.5: mid-filler.
   assert p.needle_positions[0] == intro and p.needle_positions[2] == 900 - question - needle
+  assert p.needle_lengths[2] == needle
   room = 900 - intro - question - needle
   unit = len(tok(passkey.FILLER, add_special_tokens=False)["input_ids"])
   assert abs(p.needle_positions[1] - intro - 0.5 * room) <= unit / 2

@@ -30,6 +30,7 @@ class Prompts:
   keys: list[str]
   depths: list[float]     # the needle's start as a fraction of the filler
   needle_positions: list[int]  # the needle's first token
+  needle_lengths: list[int]    # its number of tokens
 
 
 def make(tokenizer, length: int, depths: Sequence[float], seed: int = 0) -> Prompts:
@@ -42,7 +43,7 @@ def make(tokenizer, length: int, depths: Sequence[float], seed: int = 0) -> Prom
   enc = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])
   intro, question = enc(INTRO), enc(QUESTION)
   filler_unit = enc(FILLER)
-  rows, keys, needle_at = [], [], []
+  rows, keys, needle_at, needle_len = [], [], [], []
   for depth in depths:
     if not 0.0 <= depth <= 1.0:
       raise ValueError(f"depth must be in [0, 1], got {depth}")
@@ -60,7 +61,8 @@ def make(tokenizer, length: int, depths: Sequence[float], seed: int = 0) -> Prom
     rows.append(ids)
     keys.append(key)
     needle_at.append(len(intro) + cut)
-  return Prompts(np.asarray(rows, np.int32), keys, list(depths), needle_at)
+    needle_len.append(len(needle))
+  return Prompts(np.asarray(rows, np.int32), keys, list(depths), needle_at, needle_len)
 
 
 def retrieved(answer: str, key: str) -> bool:
