@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latadj_jax import models
 from latadj_jax.core import schedule
 from latadj_jax.models import gguf_loader
 from latadj_jax.models import llama_generate as gen
@@ -83,8 +82,7 @@ def run(args) -> dict:
   if args.cache_dir:
     xla_cache.setup_compilation_cache(Path(args.cache_dir).expanduser())
   path = Path(args.model) if args.model else gguf_loader.packaged_smollm2()
-  pre = models.from_pretrained(str(path))
-  tokenizer = gguf_loader.load_tokenizer(pre.gguf_file)
+  pre, tokenizer = continuation.load_lm(str(path), "", "float32", {})
   L = pre.config.num_hidden_layers
   depths = list(np.linspace(0.0, 1.0, args.prompts).round(3))
   rows = []

@@ -51,13 +51,10 @@ def query_blocked(probs_of: Callable[[jax.Array, int], jax.Array],
       colsum = colsum + jnp.einsum("bq,bhqs->bs", w, probs) / probs.shape[1]
     return colsum, ctx
 
-  if n == 1:
-    colsum, ctx = body(jnp.zeros((), jnp.float32), 0)
-  else:
-    probe = jax.eval_shape(lambda: probs_of(0, block))
-    init = jnp.zeros((probe.shape[0], probe.shape[-1]), jnp.float32)
-    colsum, ctx_n = jax.lax.scan(body, init, jnp.arange(n))
-    ctx = jnp.moveaxis(ctx_n, 0, 1).reshape((ctx_n.shape[1], num_queries) + ctx_n.shape[3:])
+  probe = jax.eval_shape(lambda: probs_of(0, block))
+  colsum, ctx_n = jax.lax.scan(body, jnp.zeros((probe.shape[0], probe.shape[-1]), jnp.float32),
+                               jnp.arange(n))
+  ctx = jnp.moveaxis(ctx_n, 0, 1).reshape((ctx_n.shape[1], num_queries) + ctx_n.shape[3:])
   return ctx, (colsum if weights_BxQ is not None else None)
 
 

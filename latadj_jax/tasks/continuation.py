@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,7 +31,6 @@ from latadj_jax.models import llama
 from latadj_jax.runtime import timing
 from latadj_jax.runtime import workdir as wd
 from latadj_jax.tasks import lm_eval
-from latadj_jax.tasks.lm_eval import last_word_fn
 
 
 @dataclasses.dataclass
@@ -65,7 +65,7 @@ def scores(module, params, cont: Continuations, counts: tuple[int, ...] | None,
   from the logits after feeding tokens ``0 .. t-1`` through the KV cache.
   """
   E, T = cont.targets.shape
-  fn = last_word_fn(module, None if counts is None else tuple(counts), T)
+  fn = lm_eval.last_word_fn(module, None if counts is None else tuple(counts), T)
   nll, argmax = [], []
   for start in range(0, E, batch_size):
     rows = np.arange(start, min(start + batch_size, E))
@@ -87,7 +87,6 @@ def rule_overrides(name: str) -> dict:
   The head is ``score``, ``first``, ``random`` or ``window<W>``; ``_s<S>`` keeps
   the first S tokens (sinks), ``_r<R>`` the last R (recent window).
   """
-  import re
   m = re.fullmatch(r"(score|first|random|window(\d+))((?:_[sr]\d+)*)", name)
   if not m:
     raise ValueError(f"survivor rule {name!r}: expected score|first|random|window<W>, "
@@ -171,15 +170,12 @@ def load_lm(model: str, init_from: str, dtype: str, rules: dict) -> tuple[models
   """Returns ``(Pretrained, tokenizer)``: pretrained weights (HF or GGUF), or with ``init_from`` the
   parameters of an LM training workdir (``train.py --config=smollm2_shakespeare``), with ``rules``
   (the survivor-rule fields) applied to the model config."""
-  from latadj_jax.models import gguf_loader
   if init_from:
     r = lm_eval.restore(init_from)
     cfg = dataclasses.replace(r.module.config, **rules)
     return models.Pretrained(type(r.module)(cfg), r.params, cfg, r.run.hf_config, None, None), r.tokenizer
   pre = models.from_pretrained(model, head="lm", dtype=dtype, **rules)
-  tokenizer = (gguf_loader.load_tokenizer(pre.gguf_file) if pre.gguf_file is not None
-               else text.load_tokenizer("model", pre.model_dir))
-  return pre, tokenizer
+  return pre, lm_eval.load_tokenizer(pre)
 
 
 def evaluate_config(config, coeffs: Sequence[float] | None = None, out: str = "",

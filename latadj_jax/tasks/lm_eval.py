@@ -237,6 +237,15 @@ class RestoredLM:
   step: int
 
 
+def load_tokenizer(pre: models.Pretrained, spec: str = "model"):
+  """Returns the tokenizer of a pretrained LM: a GGUF file's own for ``spec="model"``, else
+  ``text.load_tokenizer(spec, model dir)`` ("model", "byte", or a path/hub id)."""
+  if pre.gguf_file is not None and spec == "model":
+    from latadj_jax.models import gguf_loader
+    return gguf_loader.load_tokenizer(pre.gguf_file)
+  return text.load_tokenizer(spec, pre.model_dir)
+
+
 def restore(workdir: str | Path) -> RestoredLM:
   """Returns the latest checkpoint of an LM workdir with its module and tokenizer."""
   import transformers

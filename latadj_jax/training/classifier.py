@@ -69,9 +69,7 @@ def make_anytime_step(mesh, *, module, spec: anytime.AnytimeSpec, profile, bucke
   """Returns step(state, host batch, rng) for anytime training (see ``latadj_jax.training.anytime``).
 
   One executable per (bucket, draw of middle coefficients), compiled on first
-  use: at most ``len(buckets) * len(spec.draws())`` across a run. The draw is
-  a function of the step number, which is read from the state once and then
-  counted here, so dispatch stays asynchronous.
+  use (``anytime.dispatcher``).
   """
   schedules = {b: {k: schedule.keep_counts(b, k, profile) for k in spec.coeffs} for b in buckets}
   return anytime.dispatcher(

@@ -180,11 +180,7 @@ def load_model(config: ml_collections.ConfigDict) -> tuple[models.Pretrained, An
   if config.model:
     pre = with_dropout(models.from_pretrained(config.model, head="lm", seed=config.seed,
                                               dtype=config.dtype, **rules), config.dropout)
-    if pre.gguf_file is not None and config.tokenizer == "model":
-      from latadj_jax.models import gguf_loader
-      tokenizer = gguf_loader.load_tokenizer(pre.gguf_file)
-    else:
-      tokenizer = text.load_tokenizer(config.tokenizer, pre.model_dir)
+    tokenizer = lm_eval.load_tokenizer(pre, config.tokenizer)
   else:
     tokenizer = text.load_tokenizer(config.tokenizer, None)
     hf_config = scratch_hf_config(config.gpt2, len(tokenizer), tokenizer.eos_token_id)
@@ -259,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     step_fn = compiled_step(mesh, pre.module, counts)
     return lambda state, batch, rng: step_fn(state, shard_batch(batch, mesh), rng)
 
-  def scored_fraction(out, batch):
+  def step_log(out, batch):
     # The last step's share of target positions that survived to be scored.
     if "scored" not in out:  # anytime: each term's loss instead (its schedule's own share)
       return {k: float(v) for k, v in out.items() if k.startswith("loss_")}
@@ -273,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       count=lambda batch: int(batch["target_weights"].sum()),
       unit="tokens",
       evaluate=lambda params: perplexity_at(config, pre.module, params, eval_enc, counts),
-      extra_log=scored_fraction)
+      extra_log=step_log)
   steps_per_epoch = pipeline.num_batches(train_enc, config.batch_size, (block,))
   state, eval_metrics = loop.run_loop(config, workdir, pre.module.apply, pre.params,
                                        steps_per_epoch, lm_loop, is_main)
