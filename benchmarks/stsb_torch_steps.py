@@ -2,6 +2,7 @@
 
     python benchmarks/stsb_torch_steps.py                 # 40 steps, dropout off, MiniLM
     python benchmarks/stsb_torch_steps.py --dropout 0.1   # with dropout (rngs differ: losses drift)
+    python benchmarks/stsb_torch_steps.py --epochs 3 --dropout 0.1   # whole torch runs, dev Pearson
 
 Both sides start from the same weights (the MiniLM checkpoint, our randomly
 initialised regression head copied into torch's ``BertForSequenceClassification``),
@@ -12,6 +13,13 @@ torch side runs twice: without gradient clipping (the optimizer ours uses) and
 with ``clip_grad_norm_(1.0)``, what HF's ``Trainer`` does by default
 (``max_grad_norm=1.0``). Per step: each side's loss and gradient norm. Writes
 ``benchmarks/results/stsb_torch_steps.json``.
+
+With ``--epochs N`` it instead trains torch for N epochs (clip 1.0, as HF's
+``Trainer``) twice, on the batches ``train.py`` makes (length buckets) and on
+HF-style batches (a random permutation per epoch, each batch padded to its
+longest example), and reports each run's dev Pearson/Spearman: whether the
+batching explains the gap between our STS-B baseline and HF's reference run.
+Writes ``benchmarks/results/stsb_torch_train.json``.
 """
 
 from __future__ import annotations
@@ -31,13 +39,13 @@ def main() -> None:
   p.add_argument("--dropout", type=float, default=0.0)
   p.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data" / "glue" / "STS-B"))
   p.add_argument("--total_steps", type=int, default=540, help="the schedule's length: 3 epochs")
+  p.add_argument("--epochs", type=int, default=0,
+                 help="> 0: whole torch runs of this many epochs, evaluated on dev")
   args = p.parse_args()
 
   import jax
-  import numpy as np
   import optax
   import torch
-  import transformers
 
   from configs import quickstart
   from latadj_jax.data import pipeline, splits
@@ -51,6 +59,8 @@ def main() -> None:
   pre, tokenizer, task = profiling.load_model_and_task(config)
   (enc,) = splits.load_encoded_split(config, task, tokenizer, "train")
   buckets = pipeline.make_buckets(config.max_len, base=tuple(config.buckets))
+  if args.epochs:
+    return train_runs(args, config, pre, task, tokenizer, enc, buckets)
   batches = []
   for b in pipeline.batch_iterator(enc, config.batch_size, buckets, shuffle=True, seed=0):
     batches.append(b)
@@ -74,41 +84,8 @@ def main() -> None:
     params, opt_state, loss, gnorm = step(params, opt_state, b, jax.random.PRNGKey(i))
     ours.append((float(loss), float(gnorm)))
 
-  def torch_run(clip: float | None) -> list[tuple[float, float]]:
-    model = transformers.BertForSequenceClassification.from_pretrained(
-        config.model, num_labels=1, hidden_dropout_prob=args.dropout,
-        attention_probs_dropout_prob=args.dropout)
-    head = pre.params["classifier"]
-    with torch.no_grad():  # our head's initialisation, so both start equal
-      model.classifier.weight.copy_(torch.tensor(np.asarray(head["kernel"]).T))
-      model.classifier.bias.copy_(torch.tensor(np.asarray(head["bias"])))
-    model.train()
-    no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n
-    groups = [{"params": [p for n, p in model.named_parameters() if not no_decay(n)],
-               "weight_decay": 0.01},
-              {"params": [p for n, p in model.named_parameters() if no_decay(n)],
-               "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=5e-5, betas=(0.9, 0.999), eps=1e-8)
-    warmup = int(config.warmup_ratio * args.total_steps)
-    sched = transformers.get_linear_schedule_with_warmup(opt, max(warmup, 1), args.total_steps)
-    out = []
-    for b in batches:
-      real = b["weights"] > 0
-      t = lambda k: torch.tensor(np.asarray(b[k])[real], dtype=torch.long)
-      logits = model(input_ids=t("input_ids"), attention_mask=t("attention_mask"),
-                     token_type_ids=t("token_type_ids")).logits[:, 0]
-      loss = torch.nn.functional.mse_loss(logits, torch.tensor(np.asarray(b["labels"])[real]))
-      opt.zero_grad()
-      loss.backward()
-      gnorm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None))
-      if clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-      opt.step()
-      sched.step()
-      out.append((float(loss), float(gnorm)))
-    return out
-
-  torch_plain, torch_clip = torch_run(None), torch_run(1.0)
+  torch_plain = torch_run(args, config, pre, batches, None)[0]
+  torch_clip = torch_run(args, config, pre, batches, 1.0)[0]
   rows = [{"step": i + 1, "ours_loss": o[0], "ours_grad_norm": o[1],
            "torch_loss": t[0], "torch_grad_norm": t[1],
            "torch_clip1_loss": c[0], "torch_clip1_grad_norm": c[1]}
@@ -126,6 +103,104 @@ def main() -> None:
           f"{r['torch_clip1_loss']:15.4f}  {r['ours_grad_norm']:.2f} / {r['torch_grad_norm']:.2f}")
   print(f"max relative loss difference, ours vs torch unclipped: {rel:.2e}; "
         f"clipping at 1.0 acts on {clipped} of {len(rows)} steps")
+  print(f"wrote {out}")
+
+
+def torch_run(args, config, pre, batches: list[dict], clip: float | None, total_steps: int = 0):
+  """Trains HF's torch model on ``batches`` from our initial weights.
+
+  Returns the per-step (loss, gradient norm) and the model.
+  """
+  import numpy as np
+  import torch
+  import transformers
+  total_steps = total_steps or args.total_steps
+  torch.manual_seed(0)
+  model = transformers.BertForSequenceClassification.from_pretrained(
+      config.model, num_labels=1, hidden_dropout_prob=args.dropout,
+      attention_probs_dropout_prob=args.dropout)
+  head = pre.params["classifier"]
+  with torch.no_grad():  # our head's initialisation, so both start equal
+    model.classifier.weight.copy_(torch.tensor(np.asarray(head["kernel"]).T))
+    model.classifier.bias.copy_(torch.tensor(np.asarray(head["bias"])))
+  model.train()
+  no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n
+  groups = [{"params": [p for n, p in model.named_parameters() if not no_decay(n)],
+             "weight_decay": 0.01},
+            {"params": [p for n, p in model.named_parameters() if no_decay(n)],
+             "weight_decay": 0.0}]
+  opt = torch.optim.AdamW(groups, lr=5e-5, betas=(0.9, 0.999), eps=1e-8)
+  warmup = int(config.warmup_ratio * total_steps)
+  sched = transformers.get_linear_schedule_with_warmup(opt, max(warmup, 1), total_steps)
+  out = []
+  for b in batches:
+    real = b["weights"] > 0
+    t = lambda k: torch.tensor(np.asarray(b[k])[real], dtype=torch.long)
+    logits = model(input_ids=t("input_ids"), attention_mask=t("attention_mask"),
+                   token_type_ids=t("token_type_ids")).logits[:, 0]
+    loss = torch.nn.functional.mse_loss(logits, torch.tensor(np.asarray(b["labels"])[real]))
+    opt.zero_grad()
+    loss.backward()
+    gnorm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None))
+    if clip:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    sched.step()
+    out.append((float(loss), float(gnorm)))
+  return out, model
+
+
+def torch_predict(model, encoded, batch_size: int = 64):
+  """Returns the torch model's outputs on every example of ``encoded``, in order."""
+  import numpy as np
+  import torch
+  from latadj_jax.data import pipeline
+  model.eval()
+  out = []
+  with torch.inference_mode():
+    for i in range(0, len(encoded), batch_size):
+      rows = np.arange(i, min(i + batch_size, len(encoded)))
+      b = pipeline.make_batch(encoded, rows, max(len(encoded.input_ids[r]) for r in rows), len(rows))
+      t = lambda k: torch.tensor(b[k], dtype=torch.long)
+      out.append(model(input_ids=t("input_ids"), attention_mask=t("attention_mask"),
+                       token_type_ids=t("token_type_ids")).logits[:, 0].numpy())
+  return np.concatenate(out)
+
+
+def train_runs(args, config, pre, task, tokenizer, enc, buckets) -> None:
+  """Whole torch runs on our bucketed batches and on HF-style batches; dev metrics of each."""
+  import time
+  import numpy as np
+  from latadj_jax.core import metrics
+  from latadj_jax.data import pipeline, splits
+  (dev,) = splits.load_encoded_split(config, task, tokenizer, "validation")
+  bucketed = [b for e in range(args.epochs) for b in pipeline.batch_iterator(
+      enc, config.batch_size, buckets, shuffle=True, seed=0, epoch=e)]
+  rng = np.random.default_rng(0)
+  hf_style = []
+  for _ in range(args.epochs):
+    order = rng.permutation(len(enc))
+    for i in range(0, len(order), config.batch_size):
+      rows = order[i:i + config.batch_size]
+      hf_style.append(pipeline.make_batch(enc, rows, max(len(enc.input_ids[r]) for r in rows),
+                                          len(rows)))
+  runs = {}
+  for name, batches in (("our_buckets", bucketed), ("hf_random_dynamic_padding", hf_style)):
+    t0 = time.perf_counter()
+    losses, model = torch_run(args, config, pre, batches, 1.0, total_steps=len(batches))
+    preds = torch_predict(model, dev)
+    runs[name] = {"steps": len(batches), "final_train_loss": losses[-1][0],
+                  "pearson": metrics.pearson(preds, dev.labels),
+                  "spearman": metrics.spearman(preds, dev.labels),
+                  "wall_seconds": time.perf_counter() - t0}
+    print(name, json.dumps(runs[name]), flush=True)
+  result = {"benchmark": "stsb_torch_train", "command": "python " + " ".join(sys.argv),
+            "settings": vars(args),
+            "note": "HF BertForSequenceClassification from our initial weights, AdamW as ours "
+                    "(warmup 6%, weight decay 0.01 off biases/LayerNorm), grad clip 1.0, seed 0",
+            "runs": runs}
+  out = REPO / "benchmarks" / "results" / "stsb_torch_train.json"
+  out.write_text(json.dumps(result, indent=2) + "\n")
   print(f"wrote {out}")
 
 
