@@ -106,6 +106,21 @@ def main() -> None:
   print(f"wrote {out}")
 
 
+def padded_to_longest(encoded, rows) -> dict:
+  """Returns one batch of ``rows`` padded to its longest example (HF's dynamic padding)."""
+  from latadj_jax.data import pipeline
+  return pipeline.make_batch(encoded, rows, max(len(encoded.input_ids[r]) for r in rows), len(rows))
+
+
+def torch_inputs(batch: dict) -> dict:
+  """Returns the batch's real (weight > 0) rows as the torch model's keyword tensors."""
+  import numpy as np
+  import torch
+  real = batch["weights"] > 0
+  return {k: torch.tensor(np.asarray(batch[k])[real], dtype=torch.long)
+          for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
 def torch_run(args, config, pre, batches: list[dict], clip: float | None, total_steps: int = 0):
   """Trains HF's torch model on ``batches`` from our initial weights.
 
@@ -134,11 +149,8 @@ def torch_run(args, config, pre, batches: list[dict], clip: float | None, total_
   sched = transformers.get_linear_schedule_with_warmup(opt, max(warmup, 1), total_steps)
   out = []
   for b in batches:
-    real = b["weights"] > 0
-    t = lambda k: torch.tensor(np.asarray(b[k])[real], dtype=torch.long)
-    logits = model(input_ids=t("input_ids"), attention_mask=t("attention_mask"),
-                   token_type_ids=t("token_type_ids")).logits[:, 0]
-    loss = torch.nn.functional.mse_loss(logits, torch.tensor(np.asarray(b["labels"])[real]))
+    logits = model(**torch_inputs(b)).logits[:, 0]
+    loss = torch.nn.functional.mse_loss(logits, torch.tensor(np.asarray(b["labels"])[b["weights"] > 0]))
     opt.zero_grad()
     loss.backward()
     gnorm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None))
@@ -154,16 +166,12 @@ def torch_predict(model, encoded, batch_size: int = 64):
   """Returns the torch model's outputs on every example of ``encoded``, in order."""
   import numpy as np
   import torch
-  from latadj_jax.data import pipeline
   model.eval()
   out = []
   with torch.inference_mode():
     for i in range(0, len(encoded), batch_size):
       rows = np.arange(i, min(i + batch_size, len(encoded)))
-      b = pipeline.make_batch(encoded, rows, max(len(encoded.input_ids[r]) for r in rows), len(rows))
-      t = lambda k: torch.tensor(b[k], dtype=torch.long)
-      out.append(model(input_ids=t("input_ids"), attention_mask=t("attention_mask"),
-                       token_type_ids=t("token_type_ids")).logits[:, 0].numpy())
+      out.append(model(**torch_inputs(padded_to_longest(encoded, rows))).logits[:, 0].numpy())
   return np.concatenate(out)
 
 
@@ -177,13 +185,9 @@ def train_runs(args, config, pre, task, tokenizer, enc, buckets) -> None:
   bucketed = [b for e in range(args.epochs) for b in pipeline.batch_iterator(
       enc, config.batch_size, buckets, shuffle=True, seed=0, epoch=e)]
   rng = np.random.default_rng(0)
-  hf_style = []
-  for _ in range(args.epochs):
-    order = rng.permutation(len(enc))
-    for i in range(0, len(order), config.batch_size):
-      rows = order[i:i + config.batch_size]
-      hf_style.append(pipeline.make_batch(enc, rows, max(len(enc.input_ids[r]) for r in rows),
-                                          len(rows)))
+  orders = [rng.permutation(len(enc)) for _ in range(args.epochs)]
+  hf_style = [padded_to_longest(enc, order[i:i + config.batch_size])
+              for order in orders for i in range(0, len(order), config.batch_size)]
   runs = {}
   for name, batches in (("our_buckets", bucketed), ("hf_random_dynamic_padding", hf_style)):
     t0 = time.perf_counter()
