@@ -19,6 +19,7 @@ buckets 32/64):
   ``elim_k1`` run's profile (so equal k means equal keep counts), and the
   checkpoint chosen by the mean dev metric over the sweep grid;
 * ``s2_full_flat``: as ``s2_full`` with the flat profile, over flat k 0.6 ... 1;
+* ``s2_full_flat_nodrop``: as ``s2_full_flat``, dropout on the teacher pass only;
 * ``first`` / ``random``: trained and evaluated at k = 1 with the ``first`` or
   ``random`` survivor rule instead of the score (paper Table VII).
 
@@ -57,10 +58,12 @@ MODES = {  # mode -> train.py overrides
     "s2_frozen": ["--config.coeff=1", "--config.teacher=frozen"],
     "s2_largest": ["--config.coeff=1", "--config.teacher=largest"],
     "s2_full_flat": ["--config.coeff=1", "--config.teacher=full", "--config.profile=flat"],
+    "s2_full_flat_nodrop": ["--config.coeff=1", "--config.teacher=full", "--config.profile=flat",
+                            "--config.student_dropout=false"],
     "first": ["--config.coeff=1", "--config.profile=acc", "--config.survivors=first"],
     "random": ["--config.coeff=1", "--config.profile=acc", "--config.survivors=random"],
 }
-FLAT_MODES = ("base", "s2_full_flat")  # swept (and trained) over flat k, which never exceeds 1
+FLAT_MODES = ("base", "s2_full_flat", "s2_full_flat_nodrop")  # swept (and trained) over flat k, which never exceeds 1
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -235,7 +238,8 @@ LABELS = {"base": "no elimination in training (flat profile at eval)",
           "s2_full": "stage 2, teacher: no elimination (ACC)",
           "s2_frozen": "stage 2, teacher: frozen stage 1 (ACC)",
           "s2_largest": "stage 2, teacher: largest k (ACC)",
-          "s2_full_flat": "stage 2, teacher: no elimination (flat)"}
+          "s2_full_flat": "stage 2, teacher: no elimination (flat)",
+          "s2_full_flat_nodrop": "as above, dropout on the teacher pass only (flat)"}
 
 
 def plot(result: dict, metric: str, out: Path) -> None:
