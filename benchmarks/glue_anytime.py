@@ -18,8 +18,8 @@ buckets 32/64):
   that teacher, ``k = 1`` always trained plus ``--anytime_samples`` drawn, the
   ``elim_k1`` run's profile (so equal k means equal keep counts), and the
   checkpoint chosen by the mean dev metric over the sweep grid;
-* ``s2_full_flat``: as ``s2_full`` with the flat profile, over flat k 0.6 ... 1;
-* ``s2_full_flat_nodrop``: as ``s2_full_flat``, dropout on the teacher pass only;
+* ``s2_<teacher>_flat``: the same with the flat profile, over flat k 0.6 ... 1;
+* a ``_nodrop`` suffix (``s2_full_flat_nodrop``): dropout on the teacher pass only;
 * ``first`` / ``random``: trained and evaluated at k = 1 with the ``first`` or
   ``random`` survivor rule instead of the score (paper Table VII).
 
@@ -49,21 +49,34 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 CONFIGS = {"sst2": "glue_sst2", "stsb": "glue_stsb", "cola": "glue_cola", "imdb": "imdb"}
-MODES = {  # mode -> train.py overrides
+MODES = {  # mode -> train.py overrides; stage-2 modes are composed by mode_flags
     "base": ["--config.coeff=1", "--config.profile=flat"],
     "elim_k1": ["--config.coeff=1", "--config.profile=acc"],
     "anytime": ["--config.coeff=1", "--config.profile=acc", "--config.teacher=largest",
                 "--config.anytime_samples=1"],
-    "s2_full": ["--config.coeff=1", "--config.teacher=full"],
-    "s2_frozen": ["--config.coeff=1", "--config.teacher=frozen"],
-    "s2_largest": ["--config.coeff=1", "--config.teacher=largest"],
-    "s2_full_flat": ["--config.coeff=1", "--config.teacher=full", "--config.profile=flat"],
-    "s2_full_flat_nodrop": ["--config.coeff=1", "--config.teacher=full", "--config.profile=flat",
-                            "--config.student_dropout=false"],
     "first": ["--config.coeff=1", "--config.profile=acc", "--config.survivors=first"],
     "random": ["--config.coeff=1", "--config.profile=acc", "--config.survivors=random"],
 }
-FLAT_MODES = ("base", "s2_full_flat", "s2_full_flat_nodrop")  # swept (and trained) over flat k, which never exceeds 1
+TEACHERS = ("full", "frozen", "largest")
+
+
+def mode_flags(mode: str) -> list[str]:
+  """Returns a mode's train.py overrides: MODES, or ``s2_<teacher>[_flat][_nodrop]``."""
+  if mode in MODES:
+    return MODES[mode]
+  parts = mode.split("_")
+  if parts[0] != "s2" or len(parts) < 2 or parts[1] not in TEACHERS or \
+     not set(parts[2:]) <= {"flat", "nodrop"}:
+    sys.exit(f"unknown mode {mode!r}: one of {', '.join(MODES)} or s2_<teacher>[_flat][_nodrop] "
+             f"with teacher in {', '.join(TEACHERS)}")
+  flags = ["--config.coeff=1", f"--config.teacher={parts[1]}"]
+  flags += ["--config.profile=flat"] if "flat" in parts else []
+  return flags + (["--config.student_dropout=false"] if "nodrop" in parts else [])
+
+
+def is_flat(mode: str) -> bool:
+  """Whether a mode is trained and swept over flat k (which never exceeds 1)."""
+  return mode == "base" or (mode.startswith("s2_") and "flat" in mode.split("_"))
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -109,11 +122,11 @@ def train(args, mode: str) -> dict:
          f"--config.max_len={args.max_len}", f"--config.buckets={args.buckets}",
          "--config.batch_size=32", "--config.progress=false", "--config.log_every=100",
          f"--config.seed={args.seed}", f"--config.max_grad_norm={args.max_grad_norm}",
-         *MODES[mode], f"--workdir={workdir}"]
+         *mode_flags(mode), f"--workdir={workdir}"]
   if mode == "anytime":
     cmd += [f"--config.train_coeffs={args.train_coeffs}"]
   if mode.startswith("s2_"):
-    flat = mode in FLAT_MODES
+    flat = is_flat(mode)
     grid = args.flat_sweep if flat else args.sweep
     cmd += [f"--config.init_from={args.root / 'base'}", f"--config.num_epochs={args.stage2_epochs}",
             f"--config.learning_rate={args.stage2_lr or args.lr}",
@@ -139,6 +152,11 @@ def train(args, mode: str) -> dict:
                       (workdir / "metrics.jsonl").stat().st_mtime - (workdir / "config.json").stat().st_mtime,
       "profile": json.loads((workdir / "profile.json").read_text()).get("ep"),
       "selected": wd.load_best(workdir),  # the checkpoint chosen by the mean over the k grid
+      # every selection eval: how the metric at each k moved over the stage
+      "selection_evals": [{"step": r["step"], **{k[5:]: v for k, v in r.items()
+                                                 if k.startswith("eval_") and "@" in k or
+                                                 k == "eval_mean_over_k"}}
+                          for r in rows if "eval_mean_over_k" in r],
   }
 
 
@@ -234,12 +252,17 @@ def step_time_ratio(args, teachers: list[str], rounds: int = 8, steps: int = 5) 
 
 LABELS = {"base": "no elimination in training (flat profile at eval)",
           "elim_k1": "trained at k = 1 (ACC profile)",
-          "anytime": "anytime from pretrained, teacher largest k (ACC)",
-          "s2_full": "stage 2, teacher: no elimination (ACC)",
-          "s2_frozen": "stage 2, teacher: frozen stage 1 (ACC)",
-          "s2_largest": "stage 2, teacher: largest k (ACC)",
-          "s2_full_flat": "stage 2, teacher: no elimination (flat)",
-          "s2_full_flat_nodrop": "as above, dropout on the teacher pass only (flat)"}
+          "anytime": "anytime from pretrained, teacher largest k (ACC)"}
+TEACHER_LABELS = {"full": "no elimination", "frozen": "frozen stage 1", "largest": "largest k"}
+
+
+def label(mode: str) -> str:
+  """Returns a mode's legend entry."""
+  if mode in LABELS or not mode.startswith("s2_"):
+    return LABELS.get(mode, mode)
+  parts = mode.split("_")
+  extra = ", no student dropout" if "nodrop" in parts else ""
+  return f"stage 2, teacher: {TEACHER_LABELS[parts[1]]}{extra} ({'flat' if 'flat' in parts else 'ACC'})"
 
 
 def plot(result: dict, metric: str, out: Path) -> None:
@@ -250,7 +273,7 @@ def plot(result: dict, metric: str, out: Path) -> None:
   for mode, rows in result["sweeps"].items():
     xs = [r["expected_speedup_all_buckets"] for r in rows]
     ys = [100 * r[metric] for r in rows]
-    ax.plot(xs, ys, marker="o", label=LABELS.get(mode, mode))
+    ax.plot(xs, ys, marker="o", label=label(mode))
   ax.set_xlabel("expected speedup (eq. 7, dev-set buckets), x")
   ax.set_ylabel(f"dev {metric} (%)")
   ax.set_title(f"{result['task']}: one model per curve, swept over k (MiniLM)", fontsize=10)
@@ -264,7 +287,7 @@ def markdown(result: dict, metric: str) -> str:
   """Returns one Markdown table per profile: k, expected speedup, then each mode's metric."""
   lines = []
   for flat in (False, True):
-    modes = [m for m in result["sweeps"] if (m in FLAT_MODES) == flat and m in LABELS]
+    modes = [m for m in result["sweeps"] if is_flat(m) == flat and (m in LABELS or m.startswith("s2_"))]
     if not modes:
       continue
     rows = {m: {r["coeff"]: r for r in result["sweeps"][m]} for m in modes}
@@ -330,7 +353,7 @@ def main() -> None:
     result["train"][mode] = train(args, mode)
     # The ablation compares survivor rules at the score model's counts, k = 0.9 and 1.
     coeffs = ("0.9,1.0" if mode in ("first", "random") else
-              args.flat_sweep if mode in FLAT_MODES else args.sweep)
+              args.flat_sweep if is_flat(mode) else args.sweep)
     result["sweeps"][mode] = sweep(args, mode, coeffs)["rows"]
     out.write_text(json.dumps(result, indent=2) + "\n")
   anytime_modes = [m for m in modes if m == "anytime" or m.startswith("s2_")]
@@ -342,12 +365,12 @@ def main() -> None:
                 "gains include eliminating padding",
         "rows": fixed_length_sweep(args.root / lead, args.sweep, args.repeats)}
     if not args.skip_timing:
-      teachers = [MODES[m][1].split("=")[1] for m in anytime_modes if m.startswith("s2_")]
+      teachers = [m.split("_")[1] for m in anytime_modes if m.startswith("s2_")]
       result["train_step_time"] = step_time_ratio(args, sorted(set(teachers)) or ["largest"])
       result["executable_cache"] = cache_check(args, lead, args.sweep)
   out.write_text(json.dumps(result, indent=2) + "\n")
   metric = next(k for k in ("accuracy", "pearson", "mcc") if k in result["sweeps"][modes[0]][0])
-  curves = {m: r for m, r in result["sweeps"].items() if m in LABELS}
+  curves = {m: r for m, r in result["sweeps"].items() if m in LABELS or m.startswith("s2_")}
   if curves:
     plot({**result, "sweeps": curves}, metric, out.with_suffix(".png"))
   print(markdown(result, metric))
