@@ -53,7 +53,7 @@ MODES = {  # mode -> train.py overrides; stage-2 modes are composed by mode_flag
     "base": ["--config.coeff=1", "--config.profile=flat"],
     "elim_k1": ["--config.coeff=1", "--config.profile=acc"],
     "anytime": ["--config.coeff=1", "--config.profile=acc", "--config.teacher=largest",
-                "--config.anytime_samples=1"],
+                "--config.anytime_samples=1", "--config.anytime_always="],  # issue 15's recipe
     "first": ["--config.coeff=1", "--config.profile=acc", "--config.survivors=first"],
     "random": ["--config.coeff=1", "--config.profile=acc", "--config.survivors=random"],
 }

@@ -43,10 +43,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Anytime training (latadj_jax/anytime.py): e.g. "0.8,0.9,1.0,1.1,1.2" trains one
   # model for every k in the range; empty trains at ``coeff`` alone.
   c.train_coeffs = ""
-  # The teacher pass: "full" (live model, no elimination, on the labels: LAT), "frozen" (the
-  # init_from model, frozen, forward only: DynaBERT/OFA) or "largest" (largest k's schedule).
-  c.teacher = "largest"
-  c.anytime_always = ""            # students trained every step besides the smallest, e.g. "1.0"
+  # The teacher pass: "full" (live model, no elimination, on the labels: LAT; the best of the
+  # three on SST-2, README), "frozen" (the init_from model, frozen, forward only: DynaBERT/OFA)
+  # or "largest" (largest k's schedule).
+  c.teacher = "full"
+  # Students trained every step besides the smallest: "auto" is k = 1 when it is among
+  # train_coeffs (the k users pick most), "" none, or a list such as "0.9,1.0".
+  c.anytime_always = "auto"
   c.anytime_samples = 2            # further students drawn per step from the other coefficients
   c.student_dropout = True         # False: dropout on the teacher pass only
   c.distill_temperature = 1.0

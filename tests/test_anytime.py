@@ -63,6 +63,25 @@ def test_spec_parsing_and_draws():
     anytime.AnytimeSpec((0.8, 1.2), always=(1.0,))
 
 
+def test_config_defaults_train_k1_every_step_with_the_lat_teacher():
+  from configs import default
+  config = default.get_config()
+  config.train_coeffs = "0.6,0.8,0.9,1.0"
+  spec = anytime.spec_from_config(config)
+  # The measured-best recipe by default: teacher = no elimination, k = 1 a student every step.
+  assert (spec.teacher, spec.always, spec.fixed_students) == ("full", (1.0,), (0.6, 1.0))
+  assert spec.pool == (0.8, 0.9)
+  config.train_coeffs = "0.6,0.8,0.9"  # "auto" asks for k = 1 only when it is trained at all
+  assert anytime.spec_from_config(config).always == ()
+  config.train_coeffs, config.anytime_always = "0.6,0.8,0.9,1.0", ""
+  assert anytime.spec_from_config(config).always == ()
+  config.anytime_always = "0.9,1.0"
+  assert anytime.spec_from_config(config).always == (0.9, 1.0)
+  config.anytime_always = "1.1"
+  with pytest.raises(ValueError, match="anytime_always"):
+    anytime.spec_from_config(config)
+
+
 def test_loss_terms_are_the_configured_losses():
   module, params = tiny_bert()
   batch = tiny_batch()

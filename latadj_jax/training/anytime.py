@@ -155,13 +155,15 @@ def spec_from_config(config) -> AnytimeSpec | None:
   coeffs = parse_coeffs(config.get("train_coeffs", ""))
   if not coeffs:
     return None
-  always = config.get("anytime_always", "")
-  always = tuple(schedule.validate_coeff(v) for v in str(always).split(",") if v.strip())
+  always = str(config.get("anytime_always", "auto"))
+  if always == "auto":  # k = 1, the coefficient users pick most, when it is trained at all
+    always = "1.0" if 1.0 in coeffs else ""
+  always = tuple(schedule.validate_coeff(v) for v in always.split(",") if v.strip())
   return AnytimeSpec(coeffs, num_sampled=int(config.get("anytime_samples", 2)),
                      temperature=float(config.get("distill_temperature", 1.0)),
                      distill_weight=float(config.get("distill_weight", 1.0)),
                      student_label_weight=float(config.get("student_label_weight", 0.0)),
-                     teacher=config.get("teacher", "largest"), always=always,
+                     teacher=config.get("teacher", "full"), always=always,
                      student_dropout=bool(config.get("student_dropout", True)))
 
 
