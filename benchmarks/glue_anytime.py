@@ -132,7 +132,8 @@ def train(args, mode: str) -> dict:
             f"--config.learning_rate={args.stage2_lr or args.lr}",
             f"--config.train_coeffs={args.flat_train_coeffs if flat else args.train_coeffs}",
             f"--config.anytime_samples={args.anytime_samples}", "--config.anytime_always=1.0",
-            f"--config.select_coeffs={grid}", f"--config.eval_every={args.eval_every}"]
+            f"--config.select_coeffs={grid}", f"--config.eval_every={args.eval_every}",
+            *args.stage2_flags.split()]
     if not flat:  # the k = 1 model's profile: at equal k, equal keep counts
       cmd.append(f"--config.profile={','.join(f'{e:.6f}' for e in acc_profile(args))}")
   wall = None
@@ -320,6 +321,8 @@ def main() -> None:
   p.add_argument("--flat_train_coeffs", default="0.6,0.7,0.8,0.9,1.0")
   p.add_argument("--stage2_epochs", type=int, default=1)
   p.add_argument("--stage2_lr", type=float, default=0.0, help="stage 2's learning rate (0: --lr)")
+  p.add_argument("--stage2_flags", default="", help="further train.py overrides for the stage-2 "
+                 "modes, space-separated (e.g. '--config.distill_weight=0.25'); use a --tag")
   p.add_argument("--eval_every", type=int, default=500, help="stage 2: steps between selection evals")
   p.add_argument("--sweep", default="0.7,0.8,0.85,0.9,0.95,1.0,1.1,1.2")
   p.add_argument("--flat_sweep", default="0.6,0.65,0.7,0.75,0.8,0.85,0.9,0.95,1.0")
