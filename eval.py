@@ -40,7 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--split", default="validation")
   p.add_argument("--batch_size", type=int, default=0, help="default: the run's eval_batch_size")
   p.add_argument("--max_examples", type=int, default=0)
-  p.add_argument("--profile", default="", help="'flat' or 'v1,v2,...' to override the stored profile")
+  p.add_argument("--profile", default="", help="'flat', 'step<layer>@<keep>' or 'v1,v2,...' to override the stored profile")
   p.add_argument("--cache_dir", default="", help="persistent compilation cache (default WORKDIR/xla_cache)")
   p.add_argument("--repeats", type=int, default=10, help="timed runs per coeff (median)")
   p.add_argument("--lambada", default="", help="language models: a JSONL of {\"text\": ...} passages "

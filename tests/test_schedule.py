@@ -87,3 +87,15 @@ def test_distinct_schedules_agree_with_a_fine_grid():
   speedups = [schedule.expected_speedup(40, iv.counts) for iv in intervals]
   assert speedups == sorted(speedups)  # less k, more speedup
   assert math.isclose(intervals[0].k_hi, 1.2)
+
+
+def test_step_profile_cuts_once_at_its_layer():
+  ep = schedule.parse_profile("step3@0.25", 6)
+  assert ep == schedule.step_profile(6, 3, 0.25) == (1.0, 1.0, 0.25, 1.0, 1.0, 1.0)
+  assert schedule.keep_counts(64, 1.0, ep) == (64, 64, 16, 16, 16, 16)
+
+
+@pytest.mark.parametrize("spec", ["step0@0.5", "step7@0.5", "step3@1.5", "step3@0"])
+def test_bad_step_profile_raises(spec):
+  with pytest.raises(ValueError):
+    schedule.parse_profile(spec, 6)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -58,6 +59,20 @@ def validate_profile(profile: Sequence[float], num_layers: int) -> tuple[float, 
 def flat_profile(num_layers: int) -> tuple[float, ...]:
   """Returns the flat profile (EP = 1 everywhere): then R_l = min(1, k)."""
   return (1.0,) * num_layers
+
+
+def step_profile(num_layers: int, layer: int, keep: float) -> tuple[float, ...]:
+  """Returns the step profile: EP = ``keep`` at ``layer`` (1-based), 1 everywhere else.
+
+  At k = 1 the first ``layer - 1`` layers keep every word-vector, layer ``layer``
+  keeps the fraction ``keep``, and the rest keep all of those: one cut, placed
+  after the early layers (GemFilter's and LazyLLM's observation for decoders).
+  """
+  if not 1 <= int(layer) <= num_layers:
+    raise ValueError(f"step profile: layer must be in 1..{num_layers}, got {layer}")
+  ep = [1.0] * num_layers
+  ep[int(layer) - 1] = float(keep)
+  return validate_profile(ep, num_layers)
 
 
 def fit_acc(acc: Sequence[float], degree: int = 2) -> np.ndarray:
@@ -169,11 +184,17 @@ def distinct_schedules(n0: int, profile: Sequence[float], k_min: float = 0.05,
 
 
 def parse_profile(value: Any, num_layers: int) -> tuple[float, ...] | None:
-  """Returns an explicit profile from ``"flat"``, ``"0.9,0.8,..."`` or a list; None means measure."""
+  """Returns an explicit profile from ``"flat"``, ``"step<layer>@<keep>"``, ``"0.9,0.8,..."`` or a list.
+
+  None means measure (``"acc"`` or empty).
+  """
   if isinstance(value, str):
     if value in ("acc", ""):
       return None
     if value == "flat":
       return flat_profile(num_layers)
+    step = re.fullmatch(r"step(\d+)@([0-9.eE+-]+)", value)
+    if step:
+      return step_profile(num_layers, int(step.group(1)), float(step.group(2)))
     value = [float(v) for v in value.split(",")]
   return validate_profile(value, num_layers)
