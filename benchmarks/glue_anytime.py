@@ -83,7 +83,7 @@ def run(cmd: list[str], log: Path) -> float:
   """Runs ``cmd`` in the repo, writing its output to ``log``; returns the wall seconds."""
   print("$", " ".join(cmd), flush=True)
   t0 = time.perf_counter()
-  with open(log, "w") as f:
+  with open(log, "a") as f:  # a resumed run keeps the killed one's log above it
     proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
   if proc.returncode:
@@ -96,8 +96,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def finished(workdir: Path) -> bool:
-  path = workdir / "metrics.jsonl"
-  return path.exists() and any(k.startswith("eval_") for r in read_jsonl(path) for k in r)
+  """True once train.py reached the last step (a killed run has eval rows but no marker)."""
+  return (workdir / "complete.json").exists()  # latadj_jax.runtime.workdir.COMPLETE
 
 
 def acc_profile(args) -> tuple[float, ...]:
@@ -136,7 +136,7 @@ def train(args, mode: str) -> dict:
             *args.stage2_flags.split()]
     if not flat:  # the k = 1 model's profile: at equal k, equal keep counts
       cmd.append(f"--config.profile={','.join(f'{e:.6f}' for e in acc_profile(args))}")
-  wall = None
+  wall, resumed = None, workdir.exists() and not finished(workdir)
   if finished(workdir):
     print(f"reusing finished run {workdir}")
   else:
@@ -149,6 +149,7 @@ def train(args, mode: str) -> dict:
       "steps": rows[-1]["step"],
       # The first interval includes compiling; the median of the rest is the steady rate.
       "train_examples_per_s_median": sorted(rates[1:])[len(rates[1:]) // 2] if len(rates) > 1 else None,
+      "resumed": resumed,  # then wall_seconds is the resumed part only
       "wall_seconds": wall if wall is not None else
                       (workdir / "metrics.jsonl").stat().st_mtime - (workdir / "config.json").stat().st_mtime,
       "profile": json.loads((workdir / "profile.json").read_text()).get("ep"),

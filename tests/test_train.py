@@ -83,7 +83,9 @@ def test_resume_after_kill_matches_uninterrupted(trained, tiny_model_dir, tiny_s
     classifier.train_and_evaluate(config, workdir)
   monkeypatch.setattr(classifier, "compiled_step", real_step)
   assert wd.checkpoint_manager(workdir).latest_step() == 3
+  assert not (workdir / wd.COMPLETE).exists()  # benchmarks resume it, not reuse it
   classifier.train_and_evaluate(config, workdir)
+  assert json.loads((workdir / wd.COMPLETE).read_text())["step"] == 18
   ours, ref = _params(workdir), _params(trained[0])
   assert ours.step == ref.step == 18  # 2 epochs x 9 batches (two buckets, partial batches padded)
   for a, b in zip(jax.tree.leaves(ours.pre.params), jax.tree.leaves(ref.pre.params)):

@@ -25,6 +25,7 @@ TOKENIZER = "tokenizer"
 CHECKPOINTS = "checkpoints"
 BEST = "best"              # the parameters chosen by the mean dev metric over a k grid
 BEST_JSON = "best.json"    # which step they are, and its scores
+COMPLETE = "complete.json"  # written when training reached its last step (absent after a kill)
 
 
 class WorkdirError(ValueError):

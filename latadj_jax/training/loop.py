@@ -226,6 +226,8 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, apply_fn, params,
       best_manager.wait_until_finished()
   bar.close()
   logger.close()
+  if is_main and step >= total_steps:
+    wd.write_json(workdir / wd.COMPLETE, {"step": step, "total_steps": total_steps})
   return state, eval_metrics
 
 
