@@ -1,4 +1,4 @@
-"""Causal survivor rules (issue 24): score, window, first, random, with sinks and a recent window.
+"""Causal survivor rules (issue 24): score, window, first, random, last, with sinks and a recent window.
 
 Tiny random GPT-2 and Llama models: every rule keeps exactly the keep counts,
 the protected tokens survive, ``window`` over every query is ``score``, and the
@@ -30,6 +30,7 @@ RULES = {
     "window4": dict(survivors="window", score_window=4),
     "first": dict(survivors="first"),
     "random": dict(survivors="random"),
+    "last_sinks2": dict(survivors="last", keep_sinks=2),
     "window3_sinks2_recent3": dict(survivors="window", score_window=3, keep_sinks=2, keep_recent=3),
     "score_sinks2_recent3": dict(survivors="score", keep_sinks=2, keep_recent=3),
 }
@@ -87,6 +88,14 @@ def test_first_keeps_the_earliest_tokens(family):
   _, out = _run(build(survivors="first"), params, ids, np.ones_like(ids))
   for n, pos in zip(COUNTS, out["layer_positions"]):
     assert np.asarray(pos)[0].tolist() == list(range(n - 1)) + [N - 1]
+
+
+def test_last_keeps_the_sinks_and_the_most_recent_tokens(family):
+  build, params = family
+  ids = np.random.default_rng(1).integers(0, 50, (1, N)).astype(np.int32)
+  _, out = _run(build(survivors="last", keep_sinks=2), params, ids, np.ones_like(ids))
+  for n, pos in zip(COUNTS, out["layer_positions"]):
+    assert np.asarray(pos)[0].tolist() == [0, 1] + list(range(N - n + 2, N))
 
 
 def test_window_over_every_query_is_score(family):

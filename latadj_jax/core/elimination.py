@@ -17,8 +17,9 @@ Selection = Literal["gather", "onehot"]
 # positions (no sort), "random" keeps a random subset.
 SURVIVOR_RULES = ("score", "first", "random")
 # Causal models add "window": eq. 8's column sums over the last ``w`` queries only
-# (SnapKV's observation window), since the last queries make the next token.
-CAUSAL_RULES = ("score", "window", "first", "random")
+# (SnapKV's observation window), since the last queries make the next token; and
+# "last": the most recent tokens (StreamingLLM's window; with keep_sinks, StreamingLLM).
+CAUSAL_RULES = ("score", "window", "first", "random", "last")
 
 
 def score_vector(probs_BxHxNxN: jax.Array, valid_BxN: jax.Array,
@@ -92,7 +93,8 @@ def causal_ranking(rule: str, probs_BxHxNxN: jax.Array, valid_BxN: jax.Array,
 
   ``score`` is eq. 8; ``window`` is eq. 8 over the last ``window`` queries
   (equal to ``score`` when the window covers every query); ``first`` and
-  ``random`` are the Table VII ablations (``first`` keeps the earliest tokens).
+  ``random`` are the Table VII ablations (``first`` keeps the earliest tokens);
+  ``last`` keeps the most recent ones.
   """
   if rule not in CAUSAL_RULES:
     raise ValueError(f"causal survivor rule must be one of {CAUSAL_RULES}, got {rule!r}")
@@ -100,6 +102,8 @@ def causal_ranking(rule: str, probs_BxHxNxN: jax.Array, valid_BxN: jax.Array,
     queries = last_queries(valid_BxN, window) if rule == "window" else None
     return score_vector(probs_BxHxNxN, valid_BxN, positions_BxN, causal=True,
                         queries_BxN=queries)
+  if rule == "last":
+    return 1.0 + positions_BxN.astype(jnp.float32)
   return survivor_ranking(rule, jnp.zeros(valid_BxN.shape, jnp.float32), positions_BxN, rng)
 
 

@@ -54,7 +54,7 @@ class GPT2Config:
   eos_token_id: int | None = 50256
   dtype: str = "float32"          # activations; parameters stay float32
   selection: str = "gather"       # "gather" or "onehot" token selection
-  survivors: str = "score"        # elimination.CAUSAL_RULES: score (eq. 8), window, first, random
+  survivors: str = "score"        # elimination.CAUSAL_RULES: score (eq. 8), window, first, random, last
   score_window: int = 32          # "window": score by the last this many queries (SnapKV)
   keep_sinks: int = 0             # the first this many tokens always survive (StreamingLLM)
   keep_recent: int = 0            # the last this many tokens always survive

@@ -84,12 +84,12 @@ def scores(module, params, cont: Continuations, counts: tuple[int, ...] | None,
 def rule_overrides(name: str) -> dict:
   """Returns model-config overrides for a survivor rule named like ``window32_s4_r16``.
 
-  The head is ``score``, ``first``, ``random`` or ``window<W>``; ``_s<S>`` keeps
+  The head is ``score``, ``first``, ``random``, ``last`` or ``window<W>``; ``_s<S>`` keeps
   the first S tokens (sinks), ``_r<R>`` the last R (recent window).
   """
-  m = re.fullmatch(r"(score|first|random|window(\d+))((?:_[sr]\d+)*)", name)
+  m = re.fullmatch(r"(score|first|random|last|window(\d+))((?:_[sr]\d+)*)", name)
   if not m:
-    raise ValueError(f"survivor rule {name!r}: expected score|first|random|window<W>, "
+    raise ValueError(f"survivor rule {name!r}: expected score|first|random|last|window<W>, "
                      "optionally with _s<sinks> and _r<recent>, e.g. window32_s4_r16")
   out = {"survivors": "window" if m.group(2) else m.group(1)}
   if m.group(2):
