@@ -146,6 +146,9 @@ def run(args) -> dict:
                "flops_speedup": flops_of(full) / flops_of(counts),
                "seconds": time.perf_counter() - t1}
         rows[(rule, prof_name, k)] = row
+        # Each schedule is a new 30-layer executable; dropping them keeps the process under
+        # the kernel's memory-map limit (LLVM "Cannot allocate memory" after ~40 of them).
+        jax.clear_caches()
         result["rows"] = list(rows.values())
         result["seconds"] = time.perf_counter() - t0
         wd.write_json(out, result)
