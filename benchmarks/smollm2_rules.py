@@ -177,19 +177,29 @@ def plot(result: dict, out: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   profiles = sorted({r["profile"] for r in result["rows"]})
-  fig, axes = plt.subplots(1, len(profiles), figsize=(6 * len(profiles), 4.4), squeeze=False,
+  rules = sorted({r["rule"] for r in result["rows"]})
+  style = {rule: (plt.cm.tab20(i % 20), "osD^v<>"[i % 7]) for i, rule in enumerate(rules)}
+  cols = min(2, len(profiles))
+  rows_n = -(-len(profiles) // cols)
+  fig, axes = plt.subplots(rows_n, cols, figsize=(7 * cols, 4.6 * rows_n), squeeze=False,
                            sharey=True)
-  for ax, prof in zip(axes[0], profiles):
-    for rule in dict.fromkeys(r["rule"] for r in result["rows"]):
+  top = 1.0  # curves above it (rules without sinks) leave the panel: their values are in the JSON
+  for ax, prof in zip(axes.flat, profiles):
+    for rule in rules:
       pts = sorted((r["expected_speedup"], r["nll_increase"]) for r in result["rows"]
                    if r["rule"] == rule and r["profile"] == prof)
-      ax.plot([1.0] + [x for x, _ in pts], [0.0] + [y for _, y in pts], marker="o", label=rule)
+      if pts:
+        ax.plot([1.0] + [x for x, _ in pts], [0.0] + [y for _, y in pts], color=style[rule][0],
+                marker=style[rule][1], ms=4, label=rule)
     ax.axhline(0.05, color="grey", ls=":", lw=1)
+    ax.set_ylim(-0.02, top)
     ax.set_title(f"{prof} profile", fontsize=10)
     ax.set_xlabel("expected prefill speedup (eq. 7), x")
+    ax.set_ylabel("continuation NLL rise over k = 1 (nats)")
     ax.grid(alpha=0.3)
-  axes[0][0].set_ylabel("continuation NLL rise over k = 1 (nats)")
-  axes[0][-1].legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
+  for ax in list(axes.flat)[len(profiles):]:
+    ax.axis("off")
   s = result["settings"]
   fig.suptitle(f"SmolLM2-135M, {s['prompt_len']}-token prompts, {result['windows_scored']} "
                f"held-out Shakespeare windows: survivor rules", fontsize=10)
