@@ -136,8 +136,9 @@ def train(args, mode: str) -> dict:
             *args.stage2_flags.split()]
     if not flat:  # the k = 1 model's profile: at equal k, equal keep counts
       cmd.append(f"--config.profile={','.join(f'{e:.6f}' for e in acc_profile(args))}")
-  wall, resumed = None, workdir.exists() and not finished(workdir)
-  if finished(workdir):
+  done = finished(workdir)
+  wall, resumed = None, workdir.exists() and not done
+  if done:
     print(f"reusing finished run {workdir}")
   else:
     wall = run(cmd, args.root / f"{mode}.log")

@@ -50,10 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def counts_for(n: int, layers: int, profile: str, k: float) -> tuple[int, ...]:
-  """Returns the keep counts at ``k``: flat, or ``step<M>`` with k the fraction layer M keeps."""
-  if profile == "flat":
-    return schedule.keep_counts(n, k, schedule.flat_profile(layers))
-  return schedule.keep_counts(n, 1.0, schedule.parse_profile(f"{profile}@{k}", layers))
+  """Returns the keep counts at ``k`` for ``flat`` or ``step<M>`` (``continuation.profile_counts``)."""
+  return continuation.profile_counts(n, profile, schedule.flat_profile(layers), k)
 
 
 def k_for_speedup(n: int, layers: int, target: float, profile: str = "flat") -> float:

@@ -112,7 +112,7 @@ def run(args) -> dict:
   # The ACC profile is measured on training-part prompts, never on the windows it is scored on.
   train_cont = continuation.windows(text.read_local(args.data_dir, "train", 0.1), tokenizer,
                                     args.prompt_len, args.continuation_len, 8)
-  profiles = {name: (None if name.startswith("step") else
+  profiles = {name: (schedule.flat_profile(L) if name.startswith("step") else
                      continuation.resolve_profile(pre.module, pre.params, train_cont, name, 8, 2)[0])
               for name in args.profiles.split(",")}
   ids = jnp.asarray(cont.prompts[:1])
@@ -127,14 +127,14 @@ def run(args) -> dict:
   result = {"benchmark": "smollm2_rules", "command": "python " + " ".join(sys.argv),
             "device": timing.device_name(), "jax_version": jax.__version__,
             "settings": settings(args, path), "windows_scored": len(cont.prompts),
-            "reference": {**base, "k": 1.0}, "profiles": {k: list(v) if v else "EP = k at layer M, 1 elsewhere; coeff 1"
-                         for k, v in profiles.items()},
+            "reference": {**base, "k": 1.0}, "profiles": {k: "EP = k at layer M, 1 elsewhere; coeff 1" if k.startswith("step")
+                         else list(v) for k, v in profiles.items()},
             "rows": list(rows.values())}
   for rule in args.rules.split(","):
     module = type(pre.module)(dataclasses.replace(pre.config, **continuation.rule_overrides(rule)))
     for prof_name, ep in profiles.items():
       for k in ks["step" if prof_name.startswith("step") else prof_name]:
-        counts = profile_counts(P, L, prof_name, ep, k)
+        counts = continuation.profile_counts(P, prof_name, ep, k)
         if counts == full or (rule, prof_name, k) in rows:  # no elimination: the reference
           continue
         t1 = time.perf_counter()
@@ -156,14 +156,6 @@ def run(args) -> dict:
               f"NLL +{row['nll_increase']:.3f} agree {100 * row['agreement_with_k1']:.1f}% "
               f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
   return result
-
-
-def profile_counts(prompt_len: int, num_layers: int, name: str, ep, k: float) -> tuple[int, ...]:
-  """Returns the keep counts of a named profile at ``k`` (for ``step<M>``: the kept fraction at M)."""
-  if name.startswith("step"):
-    return schedule.keep_counts(
-        prompt_len, 1.0, schedule.parse_profile(f"{name}@{k}", num_layers))
-  return schedule.keep_counts(prompt_len, k, ep)
 
 
 def best_at(rows: list[dict], min_speedup: float) -> dict | None:

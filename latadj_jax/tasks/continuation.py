@@ -81,6 +81,13 @@ def scores(module, params, cont: Continuations, counts: tuple[int, ...] | None,
           "tokens": int(nll_ExT.size)}, argmax_ExT
 
 
+def profile_counts(prompt_len: int, name: str, ep, k: float) -> tuple[int, ...]:
+  """Returns the keep counts of a named profile at ``k``; for ``step<M>``, k is the fraction layer M keeps."""
+  if name.startswith("step"):
+    return schedule.keep_counts(prompt_len, 1.0, schedule.parse_profile(f"{name}@{k}", len(ep)))
+  return schedule.keep_counts(prompt_len, k, ep)
+
+
 def rule_overrides(name: str) -> dict:
   """Returns model-config overrides for a survivor rule named like ``window32_s4_r16``.
 
