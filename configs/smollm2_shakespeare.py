@@ -43,6 +43,8 @@ def get_config():
   # no elimination on the labels, the students distil it at their survivors.
   c.teacher = "full"
   c.profile = "flat"
+  c.survivors = "last"              # StreamingLLM's rule, as configs/smollm2_text.py (issue 24)
+  c.keep_sinks = 4
   c.eval_coeffs = (0.85, 0.9, 0.95, 1.0)
   c.time_repeats = 3
   c.log_every = 5

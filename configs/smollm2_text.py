@@ -6,7 +6,8 @@
         --coeff 1.0,0.95,0.9,0.85,0.8                                       # the README's figures
     python eval.py --config=smollm2_text --config.profile=acc      # profile measured on the prompts
     python eval.py --config=smollm2_text --config.survivors=window --config.score_window=32 \
-        --config.keep_sinks=4 --config.keep_recent=16                 # a survivor rule (issue 24)
+        --config.keep_recent=16                  # another survivor rule (issue 24; default: last, 4 sinks)
+    python eval.py --config=smollm2_text --config.profile=step4@0.4 --coeff 1   # one cut, at layer 4
 
 Each window of the held-out text (the last 10% of each play) is a 256-token
 prompt and the 32 tokens that follow. The prompt is prefilled with
@@ -47,9 +48,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.coeffs = (1.0, 0.95, 0.9, 0.85, 0.8)
   c.profile = "flat"                # flat | acc (measured on the prompts) | v1,...,v30
   c.profile_batches = 4
-  c.survivors = "score"             # score (eq. 8) | window | first | random: see configs/default.py
+  # Survivors: StreamingLLM's rule, the first 4 tokens and the most recent rest, chosen from
+  # the curves of benchmarks/smollm2_rules.py (README, issue 24): it loses the least NLL at every
+  # speedup measured, at 256 and 1,024 tokens. The paper's eq. 8: --config.survivors=score
+  # --config.keep_sinks=0. Others: window (SnapKV), first, random (configs/default.py).
+  c.survivors = "last"
   c.score_window = 32               # window: the last this many queries score the tokens
-  c.keep_sinks = 0                  # the first this many tokens always survive
+  c.keep_sinks = 4                  # the first this many tokens always survive
   c.keep_recent = 0                 # the last this many tokens always survive
   c.profile_degree = 2
   c.time_repeats = 3
