@@ -82,6 +82,21 @@ def test_config_defaults_train_k1_every_step_with_the_lat_teacher():
     anytime.spec_from_config(config)
 
 
+def test_no_student_reruns_the_teacher_pass():
+  """Teacher 'full', flat profile, no dropout: k >= 1 is the teacher's own pass, never a student."""
+  from configs import default
+  config = default.get_config()
+  config.train_coeffs, config.profile, config.dropout = "0.8,0.9,1.0,1.1", "flat", 0.0
+  spec = anytime.spec_from_config(config)
+  assert spec.as_teacher == (1.0, 1.1) and spec.always == ()
+  assert spec.fixed_students == (0.8,) and spec.pool == (0.9,)
+  assert all(k < 1.0 for d in spec.draws() for _, k in spec.students(d))
+  config.dropout = 0.1  # another dropout mask makes the k = 1 student a different pass
+  assert anytime.spec_from_config(config).fixed_students == (0.8, 1.0)
+  config.dropout, config.profile = 0.0, ""  # a measured profile eliminates at k = 1 too
+  assert anytime.spec_from_config(config).as_teacher == ()
+
+
 def test_loss_terms_are_the_configured_losses():
   module, params = tiny_bert()
   batch = tiny_batch()
