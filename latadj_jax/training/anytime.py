@@ -160,7 +160,7 @@ def spec_from_config(config) -> AnytimeSpec | None:
   teacher = config.get("teacher", "full")
   # Teacher 'full', a flat profile and no dropout: a student at k >= 1 eliminates nothing and
   # draws no other dropout mask, so it would rerun the teacher's pass (a zero loss at the cost
-  # of a full forward and backward: 47 s a step instead of about 15 for SmolLM2 on this CPU).
+  # of a full forward and backward: 47 s a step instead of about 25 for SmolLM2 on this CPU).
   as_teacher = tuple(k for k in coeffs if k >= 1.0) if (
       teacher == "full" and config.get("profile", "") == "flat"
       and not float(config.get("dropout", 0.0))) else ()
