@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.score_window = 32
   c.keep_sinks = 0
   c.keep_recent = 0
+  c.score_pool = 0                 # score/window: max-pool the scores over this many neighbours
   # Anytime training (latadj_jax/anytime.py): e.g. "0.8,0.9,1.0,1.1,1.2" trains one
   # model for every k in the range; empty trains at ``coeff`` alone.
   c.train_coeffs = ""

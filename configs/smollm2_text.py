@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.score_window = 32               # window: the last this many queries score the tokens
   c.keep_sinks = 4                  # the first this many tokens always survive
   c.keep_recent = 0                 # the last this many tokens always survive
+  c.score_pool = 0                  # score/window: max-pool the scores over this many neighbours
   c.profile_degree = 2
   c.time_repeats = 3
   c.workdir = ""                    # results dir; default workdirs/smollm2_text

@@ -33,6 +33,7 @@ RULES = {
     "last_sinks2": dict(survivors="last", keep_sinks=2),
     "window3_sinks2_recent3": dict(survivors="window", score_window=3, keep_sinks=2, keep_recent=3),
     "score_sinks2_recent3": dict(survivors="score", keep_sinks=2, keep_recent=3),
+    "window4_sinks1_pool3": dict(survivors="window", score_window=4, keep_sinks=1, score_pool=3),
 }
 
 
@@ -139,11 +140,38 @@ def test_window_scores_only_the_last_queries():
   np.testing.assert_array_equal(levels, [[1, 0, 1, 2, 0, 0], [0, 1, 0, 0, 1, 2]])
 
 
+def test_pooled_scores_keep_the_neighbours_of_a_high_score():
+  """Pure function: max over the ``kernel`` nearest tokens, pads neither give nor get a score."""
+  sv = jnp.array([[0.1, 0.2, 0.9, 0.3, 0.05, 0.0], [0.0, 0.4, 0.1, 0.2, 0.3, 0.5]])
+  valid = jnp.array([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], bool)
+  got = np.asarray(elimination.pool_scores(sv, valid, 3))
+  np.testing.assert_allclose(got, [[0.2, 0.9, 0.9, 0.9, 0.3, 0.0], [0.0, 0.4, 0.4, 0.3, 0.5, 0.5]])
+  np.testing.assert_array_equal(elimination.pool_scores(sv, valid, 1), sv)
+  # Through the rule: token 2's neighbours now outrank token 5, which drew more attention.
+  probs = jnp.zeros((1, 1, 6, 6)).at[0, 0, 5, 2].set(0.9).at[0, 0, 5, 4].set(0.1)
+  probs = probs + jnp.tril(jnp.full((6, 6), 1e-3))
+  pos, ok = jnp.arange(6)[None], jnp.ones((1, 6), bool)
+  plain = np.asarray(elimination.causal_ranking("window", probs, ok, pos, window=1))
+  pooled = np.asarray(elimination.causal_ranking("window", probs, ok, pos, window=1, pool=3))
+  assert plain[0, 4] > plain[0, 1] and pooled[0, 1] == pooled[0, 3] == pooled[0, 2]
+  assert pooled[0, 1] > pooled[0, 4]
+
+
+def test_rule_names_parse_to_config_fields():
+  from latadj_jax.tasks import continuation
+  assert continuation.rule_overrides("window8_s32_r64_p7") == dict(
+      survivors="window", score_window=8, keep_sinks=32, keep_recent=64, score_pool=7)
+  assert continuation.rule_overrides("last_s4") == dict(survivors="last", keep_sinks=4)
+  with pytest.raises(ValueError, match="_p<pool>"):
+    continuation.rule_overrides("window8_q3")
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(survivors="best"), "survivors must be one of"),
     (dict(survivors="window", score_window=0), "score_window >= 1"),
     (dict(keep_sinks=-1), "keep_sinks must be an int >= 0"),
     (dict(keep_recent=2.5), "keep_recent must be an int >= 0"),
+    (dict(score_pool=-3), "score_pool must be an int >= 0"),
 ])
 def test_bad_rule_settings_name_the_field(bad, match):
   for _, cfg in CONFIGS.values():

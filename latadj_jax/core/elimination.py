@@ -75,11 +75,28 @@ def causal_protect(valid_BxN: jax.Array, sinks: int = 0, recent: int = 0) -> jax
   return jnp.where(last_valid_mask(valid_BxN), 2, soft.astype(jnp.int32)).astype(jnp.int8)
 
 
-def check_causal_rule(rule: str, window: int, sinks: int, recent: int) -> None:
+def pool_scores(sv_BxN: jax.Array, valid_BxN: jax.Array, kernel: int) -> jax.Array:
+  """Returns each token's score max-pooled over its ``kernel`` nearest neighbours (pads score 0).
+
+  SnapKV pools its window scores so that a kept token keeps its neighbours: a
+  five-digit number is five tokens, and the ones that draw less attention
+  still carry the answer. ``kernel`` <= 1 returns ``sv_BxN`` unchanged.
+  """
+  if kernel <= 1:
+    return sv_BxN
+  valid = valid_BxN.astype(bool)
+  lo = (kernel - 1) // 2
+  pooled = jax.lax.reduce_window(jnp.where(valid, sv_BxN, -jnp.inf), -jnp.inf, jax.lax.max,
+                                 (1, kernel), (1, 1), [(0, 0), (lo, kernel - 1 - lo)])
+  return jnp.where(valid, pooled, 0.0)
+
+
+def check_causal_rule(rule: str, window: int, sinks: int, recent: int, pool: int = 0) -> None:
   """Raises ValueError, naming the config field, for a bad causal survivor setting."""
   if rule not in CAUSAL_RULES:
     raise ValueError(f"survivors must be one of {CAUSAL_RULES} for a causal LM, got {rule!r}")
-  for name, value in (("score_window", window), ("keep_sinks", sinks), ("keep_recent", recent)):
+  for name, value in (("score_window", window), ("keep_sinks", sinks), ("keep_recent", recent),
+                      ("score_pool", pool)):
     if not isinstance(value, int) or value < 0:
       raise ValueError(f"{name} must be an int >= 0, got {value!r}")
   if rule == "window" and window < 1:
@@ -88,20 +105,21 @@ def check_causal_rule(rule: str, window: int, sinks: int, recent: int) -> None:
 
 def causal_ranking(rule: str, probs_BxHxNxN: jax.Array, valid_BxN: jax.Array,
                    positions_BxN: jax.Array, window: int = 0,
-                   rng: jax.Array | None = None) -> jax.Array:
+                   rng: jax.Array | None = None, pool: int = 0) -> jax.Array:
   """Returns rank_BxN for a causal layer's survivors under ``rule`` (one of CAUSAL_RULES).
 
   ``score`` is eq. 8; ``window`` is eq. 8 over the last ``window`` queries
   (equal to ``score`` when the window covers every query); ``first`` and
   ``random`` are the Table VII ablations (``first`` keeps the earliest tokens);
-  ``last`` keeps the most recent ones.
+  ``last`` keeps the most recent ones. ``pool`` > 1 max-pools the ``score`` and
+  ``window`` scores over that many neighbours (``pool_scores``).
   """
   if rule not in CAUSAL_RULES:
     raise ValueError(f"causal survivor rule must be one of {CAUSAL_RULES}, got {rule!r}")
   if rule in ("score", "window"):
     queries = last_queries(valid_BxN, window) if rule == "window" else None
-    return score_vector(probs_BxHxNxN, valid_BxN, positions_BxN, causal=True,
-                        queries_BxN=queries)
+    return pool_scores(score_vector(probs_BxHxNxN, valid_BxN, positions_BxN, causal=True,
+                                    queries_BxN=queries), valid_BxN, pool)
   if rule == "last":
     return 1.0 + positions_BxN.astype(jnp.float32)
   return survivor_ranking(rule, jnp.zeros(valid_BxN.shape, jnp.float32), positions_BxN, rng)
@@ -187,7 +205,7 @@ def eliminate(sv_BxN: jax.Array, valid_BxN: jax.Array, protect_BxN: jax.Array,
 
 def causal_step(probs_BxHxNxN: jax.Array, carry: dict, n_keep: int, *arrays_BxN_: jax.Array,
                 rule: str = "score", window: int = 0, with_scores: bool = False,
-                method: Selection = "gather") -> tuple:
+                method: Selection = "gather", pool: int = 0) -> tuple:
   """One causal layer's Sort+Eliminate: returns ``(SV_BxN or None, carry, *arrays)`` at the survivors.
 
   ``carry`` holds ``valid``, ``positions`` and ``protect`` (and whatever else
@@ -203,8 +221,8 @@ def causal_step(probs_BxHxNxN: jax.Array, carry: dict, n_keep: int, *arrays_BxN_
     sv_BxN = score_vector(probs_BxHxNxN, valid, positions, causal=True)
   if not eliminating:
     return (sv_BxN, carry, *arrays_BxN_)
-  rank_BxN = sv_BxN if rule == "score" else causal_ranking(rule, probs_BxHxNxN, valid,
-                                                          positions, window)
+  rank_BxN = (pool_scores(sv_BxN, valid, pool) if rule == "score" else
+              causal_ranking(rule, probs_BxHxNxN, valid, positions, window, pool=pool))
   names = sorted(carry)
   _, *kept = eliminate(rank_BxN, valid, carry["protect"], n_keep, *arrays_BxN_,
                        *(carry[n] for n in names), method=method)

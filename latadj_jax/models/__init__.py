@@ -60,7 +60,7 @@ def load_tensors(params: dict, hf_config: dict, tensors: dict, fmt: str):
   return checkpoints.load_weights(params, tensors, fmt, fam.torch_name_map, fam.BASE_PREFIX)
 
 
-CAUSAL_SURVIVOR_FIELDS = ("survivors", "score_window", "keep_sinks", "keep_recent")
+CAUSAL_SURVIVOR_FIELDS = ("survivors", "score_window", "keep_sinks", "keep_recent", "score_pool")
 
 
 def survivor_overrides(config: Any, causal: bool = True) -> dict[str, Any]:
@@ -71,7 +71,7 @@ def survivor_overrides(config: Any, causal: bool = True) -> dict[str, Any]:
   """
   if causal:
     return {f: config[f] for f in CAUSAL_SURVIVOR_FIELDS if f in config}
-  extra = [f for f in ("keep_sinks", "keep_recent") if config.get(f, 0)]
+  extra = [f for f in ("keep_sinks", "keep_recent", "score_pool") if config.get(f, 0)]
   if extra:
     raise ValueError(f"--config.{extra[0]} applies to causal LMs (GPT-2, Llama) only; "
                      "an encoder always keeps [CLS] and ranks the rest by score")

@@ -58,10 +58,11 @@ class GPT2Config:
   score_window: int = 32          # "window": score by the last this many queries (SnapKV)
   keep_sinks: int = 0             # the first this many tokens always survive (StreamingLLM)
   keep_recent: int = 0            # the last this many tokens always survive
+  score_pool: int = 0             # score/window: max-pool the scores over this many neighbours
 
   def __post_init__(self):
     elimination.check_causal_rule(self.survivors, self.score_window, self.keep_sinks,
-                                  self.keep_recent)
+                                  self.keep_recent, self.score_pool)
 
   @classmethod
   def from_hf(cls, hf_config: Any, **overrides: Any) -> "GPT2Config":
@@ -191,7 +192,8 @@ class GPT2Block(nn.Module):
     kv = {"k": k, "v": v, "valid": carry["valid"], "positions": carry["positions"]}
     sv_BxN, carry, ctx_BxNxD, h_BxNxD = elimination.causal_step(
         probs_BxHxNxN, carry, n_keep, ctx_BxNxD, h_BxNxD, rule=cfg.survivors,
-        window=cfg.score_window, with_scores=with_scores, method=cfg.selection)
+        window=cfg.score_window, with_scores=with_scores, method=cfg.selection,
+        pool=cfg.score_pool)
     return self._finish(h_BxNxD, ctx_BxNxD, deterministic), carry, sv_BxN, kv
 
   def decode(self, h_Bx1xD, cache: dict, slot, pos_B):

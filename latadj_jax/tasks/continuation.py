@@ -92,17 +92,18 @@ def rule_overrides(name: str) -> dict:
   """Returns model-config overrides for a survivor rule named like ``window32_s4_r16``.
 
   The head is ``score``, ``first``, ``random``, ``last`` or ``window<W>``; ``_s<S>`` keeps
-  the first S tokens (sinks), ``_r<R>`` the last R (recent window).
+  the first S tokens (sinks), ``_r<R>`` the last R (recent window); ``_p<K>`` max-pools the
+  scores over K neighbours.
   """
-  m = re.fullmatch(r"(score|first|random|last|window(\d+))((?:_[sr]\d+)*)", name)
+  m = re.fullmatch(r"(score|first|random|last|window(\d+))((?:_[srp]\d+)*)", name)
   if not m:
     raise ValueError(f"survivor rule {name!r}: expected score|first|random|last|window<W>, "
-                     "optionally with _s<sinks> and _r<recent>, e.g. window32_s4_r16")
+                     "optionally with _s<sinks>, _r<recent> and _p<pool>, e.g. window32_s4_r16")
   out = {"survivors": "window" if m.group(2) else m.group(1)}
   if m.group(2):
     out["score_window"] = int(m.group(2))
-  for kind, value in re.findall(r"_([sr])(\d+)", m.group(3)):
-    out["keep_sinks" if kind == "s" else "keep_recent"] = int(value)
+  for kind, value in re.findall(r"_([srp])(\d+)", m.group(3)):
+    out[{"s": "keep_sinks", "r": "keep_recent", "p": "score_pool"}[kind]] = int(value)
   return out
 
 
