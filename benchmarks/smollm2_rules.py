@@ -138,6 +138,21 @@ def run(args) -> dict:
                          **{k: "EP = k at layer M, 1 elsewhere; coeff 1" if k.startswith("step")
                             else list(v) for k, v in profiles.items()}},
             "rows": list(rows.values())}
+
+  def record(row: dict) -> None:
+    """Stores a finished row, writes the JSON (a killed run resumes from it) and prints it."""
+    rows[row["rule"], row["profile"], row["k"]] = row
+    # Each schedule is a new 30-layer executable; dropping them keeps the process under
+    # the kernel's memory-map limit (LLVM "Cannot allocate memory" after ~40 of them).
+    jax.clear_caches()
+    result["rows"] = list(rows.values())
+    result["seconds"] = time.perf_counter() - t0
+    wd.write_json(out, result)
+    print(f"{row['rule']:>18} {row['profile']:>6} k={row['k']:<5} "
+          f"S={row['expected_speedup']:.2f}x NLL +{row['nll_increase']:.3f} "
+          f"agree {100 * row['agreement_with_k1']:.1f}% ({row['seconds']:.0f} s)",
+          file=sys.stderr, flush=True)
+
   for rule in args.rules.split(","):
     module = type(pre.module)(dataclasses.replace(pre.config, **continuation.rule_overrides(rule)))
     for prof_name, ep in profiles.items():
@@ -147,34 +162,21 @@ def run(args) -> dict:
           continue
         t1 = time.perf_counter()
         s, argmax = continuation.scores(module, pre.params, cont, counts, args.batch_size)
-        row = {"rule": rule, "profile": prof_name, "k": k, **s,
-               "nll_increase": s["nll"] - base["nll"],
-               "agreement_with_k1": float((argmax == base_argmax).mean()),
-               "keep_counts": list(counts), "expected_speedup": schedule.expected_speedup(P, counts),
-               "flops_speedup": flops_of(full) / flops_of(counts),
-               "seconds": time.perf_counter() - t1}
-        rows[(rule, prof_name, k)] = row
-        # Each schedule is a new 30-layer executable; dropping them keeps the process under
-        # the kernel's memory-map limit (LLVM "Cannot allocate memory" after ~40 of them).
-        jax.clear_caches()
-        result["rows"] = list(rows.values())
-        result["seconds"] = time.perf_counter() - t0
-        wd.write_json(out, result)
-        print(f"{rule:>16} {prof_name:>4} k={k:<5} S={row['expected_speedup']:.2f}x "
-              f"NLL +{row['nll_increase']:.3f} agree {100 * row['agreement_with_k1']:.1f}% "
-              f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        record({"rule": rule, "profile": prof_name, "k": k, **s,
+                **against_k1(s, argmax, base, base_argmax),
+                "keep_counts": list(counts), "expected_speedup": schedule.expected_speedup(P, counts),
+                "flops_speedup": flops_of(full) / flops_of(counts),
+                "seconds": time.perf_counter() - t1})
   for f in [float(x) for x in args.truncate.split(",") if x]:
-    if ("truncate_s4", "prompt", f) in rows:
-      continue
-    row = truncated_row(pre, cont, f, base, base_argmax, flops_of(full), args.batch_size)
-    rows[row["rule"], "prompt", f] = row
-    jax.clear_caches()
-    result["rows"] = list(rows.values())
-    wd.write_json(out, result)
-    print(f"     truncate_s4 prompt k={f:<5} S={row['expected_speedup']:.2f}x "
-          f"NLL +{row['nll_increase']:.3f} agree {100 * row['agreement_with_k1']:.1f}%",
-          file=sys.stderr, flush=True)
+    if ("truncate_s4", "prompt", f) not in rows:
+      record(truncated_row(pre, cont, f, base, base_argmax, flops_of(full), args.batch_size))
   return result
+
+
+def against_k1(s: dict, argmax: np.ndarray, base: dict, base_argmax: np.ndarray) -> dict:
+  """Returns a row's NLL rise over k = 1 and its greedy agreement with k = 1."""
+  return {"nll_increase": s["nll"] - base["nll"],
+          "agreement_with_k1": float((argmax == base_argmax).mean())}
 
 
 def truncated_row(pre, cont: continuation.Continuations, fraction: float, base: dict,
@@ -193,8 +195,7 @@ def truncated_row(pre, cont: continuation.Continuations, fraction: float, base: 
   flops = timing.compiled_flops(continuation.prefill_executable(
       pre.module, pre.params, counts, jnp.asarray(short[:1])))
   return {"rule": f"truncate_s{sinks}", "profile": "prompt", "k": fraction, **s,
-          "nll_increase": s["nll"] - base["nll"],
-          "agreement_with_k1": float((argmax == base_argmax).mean()),
+          **against_k1(s, argmax, base, base_argmax),
           "keep_counts": [n] * L, "expected_speedup": P / n, "flops_speedup": full_flops / flops,
           "seconds": time.perf_counter() - t1}
 
