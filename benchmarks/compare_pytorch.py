@@ -62,7 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--ks", default="0.95,0.9,0.85,0.8", help="k values for the elimination table")
   p.add_argument("--layers", type=int, default=12)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="our activations and parameters (PyTorch stays float32)")
+                 help="our activations and parameters; with bfloat16, PyTorch runs under "
+                      "torch.autocast(bfloat16)")
+  p.add_argument("--ort", action="store_true",
+                 help="also time ONNX Runtime (the HF model exported to ONNX, 2 threads, no "
+                      "spinning) against our k = 1, in its own interleaved pair")
   p.add_argument("--min_rounds", type=int, default=3, help="timed rounds per shape, at least")
   p.add_argument("--seconds", type=float, default=60.0,
                  help="keep adding rounds until a shape has been timed this long")
@@ -115,22 +119,68 @@ def compile_forward(module, params, arrays, counts):
   return jax.jit(forward).lower(params, *arrays).compile()
 
 
-def torch_forward(hf, arrays):
-  """Returns a zero-argument function: HF PyTorch's last hidden state for the NumPy ``arrays``."""
+def torch_forward(hf, arrays, dtype: str = "float32"):
+  """Returns a zero-argument function: HF PyTorch's last hidden state for the NumPy ``arrays``.
+
+  With ``dtype`` bfloat16 it runs under ``torch.autocast("cpu", torch.bfloat16)``.
+  """
+  import contextlib
+
   import torch
   ids, mask, types = (torch.tensor(a, dtype=torch.long) for a in arrays)
+  autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else \
+      contextlib.nullcontext
 
   def forward():
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast():
       return hf(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
   return forward
 
 
-def run_shape(args, hf, module, params, batch: int, length: int, ks, profile) -> dict:
-  """Returns one result row: PyTorch and our latencies at every k for one (batch, length)."""
+def ort_session(hf, directory: Path, threads: int = 2):
+  """Returns an ONNX Runtime session of ``hf`` (exported once to ``directory``), spinning off.
+
+  ORT's worker threads spin between ops by default, which slows whatever runs
+  next on a 2-core machine (PyTorch at 8x128 went from 1,019 to 1,369 ms with
+  ORT in the same loop), so ``session.intra_op.allow_spinning`` is 0.
+  """
+  import onnxruntime as ort
+  import torch
+  path = directory / "bert.onnx"
+  if not path.exists():
+    ids = torch.ones((1, 8), dtype=torch.long)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    axes = {n: {0: "batch", 1: "length"} for n in names}
+    axes["last_hidden_state"] = {0: "batch", 1: "length"}
+    with torch.inference_mode():
+      torch.onnx.export(hf, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path),
+                        input_names=names, output_names=["last_hidden_state", "pooler_output"],
+                        dynamic_axes=axes, opset_version=17, dynamo=False)
+  opts = ort.SessionOptions()
+  opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+  opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+  opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+  opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+  return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_forward(session, arrays):
+  """Returns a zero-argument function: ONNX Runtime's last hidden state for the NumPy ``arrays``."""
+  feed = {"input_ids": arrays[0].astype(np.int64), "attention_mask": arrays[1].astype(np.int64),
+          "token_type_ids": arrays[2].astype(np.int64)}
+  return lambda: session.run(["last_hidden_state"], feed)[0]
+
+
+def run_shape(args, hf, module, params, batch: int, length: int, ks, profile,
+              session=None) -> dict:
+  """Returns one result row: PyTorch and our latencies at every k for one (batch, length).
+
+  With an ONNX Runtime ``session``, ORT and our k = 1 are timed again in a pair
+  of their own, after the PyTorch group.
+  """
   arrays = inputs(batch, length, module.config.vocab_size)
   L = module.config.num_hidden_layers
-  pytorch = torch_forward(hf, arrays)
+  pytorch = torch_forward(hf, arrays, args.dtype)
 
   schedules = {"k=1 flat": (length,) * L}
   schedules.update({f"k={k}": schedule.keep_counts(length, k, profile) for k in ks})
@@ -164,8 +214,17 @@ def run_shape(args, hf, module, params, batch: int, length: int, ks, profile) ->
          "max_abs_diff_vs_pytorch": parity, "xla_flops": flops[base],
          "timed_seconds": wall, "load_avg_1min": [load_before, os.getloadavg()[0]],
          "elimination": elim}
+  if session is not None:
+    onnx = ort_forward(session, arrays)
+    row["ort_max_abs_diff_vs_pytorch"] = float(np.abs(onnx() - pytorch().float().numpy()).max())
+    pair = timing.interleaved_medians({"ort": onnx, base: fns[base]}, repeats=args.min_rounds,
+                                      warmup=1, min_seconds=args.seconds)
+    row.update(ort_ms=1e3 * pair["ort"], ours_ms_ort_pair=1e3 * pair[base],
+               ratio_vs_ort=pair[base] / pair["ort"])
   print(f"{batch}x{length}: pytorch {row['pytorch_ms']:.0f} ms, ours {row['ours_ms']:.0f} ms "
         f"({row['ratio']:.2f}x), " + ", ".join(f"k={e['k']} {e['ms']:.0f} ms" for e in elim)
+        + (f"; ORT {row['ort_ms']:.0f} ms, ours {row['ours_ms_ort_pair']:.0f} ms "
+           f"({row['ratio_vs_ort']:.2f}x)" if session is not None else "")
         + f"; load {load_before:.1f}", file=sys.stderr, flush=True)
   return row
 
@@ -178,7 +237,13 @@ def run(args: argparse.Namespace) -> dict:
   hf, module, params = torch_and_flax(args.layers, args.dtype)
   profile = spread_profile(QUICKSTART_EP, args.layers) if args.layers % 6 == 0 else \
       schedule.flat_profile(args.layers)
-  rows = [run_shape(args, hf, module, params, b, n, ks, profile) for b, n in shape_list(args)]
+  session = None
+  if args.ort:
+    import tempfile
+    tmp = tempfile.TemporaryDirectory()
+    session = ort_session(hf, Path(tmp.name))
+  rows = [run_shape(args, hf, module, params, b, n, ks, profile, session)
+          for b, n in shape_list(args)]
   return {
       "benchmark": "compare_pytorch",
       "command": "python " + " ".join(sys.argv),
@@ -187,7 +252,12 @@ def run(args: argparse.Namespace) -> dict:
                    "transformers": transformers.__version__},
       "settings": {"model": "BERT-base shape (BertModel with pooler), random weights (HF init, "
                             "seed 0) shared by both", "layers": args.layers,
-                   "dtype_ours": args.dtype, "dtype_pytorch": "float32",
+                   "dtype_ours": args.dtype,
+                   "dtype_pytorch": "autocast bfloat16" if args.dtype == "bfloat16" else "float32",
+                   "ort": (f"onnxruntime {__import__('onnxruntime').__version__}, the HF model "
+                           "exported with torch.onnx (opset 17), ORT_ENABLE_ALL, 2 intra-op "
+                           "threads, spinning off; timed against our k = 1 in its own pair"
+                           if args.ort else None),
                    "pytorch": f"eager, inference_mode, attn {hf.config._attn_implementation}, "
                               f"{torch.get_num_threads()} threads",
                    "inputs": "random token ids, every position valid",
@@ -211,6 +281,11 @@ def markdown(result: dict) -> str:
   for r in rows:
     lines.append(f"| {r['batch']} | {r['length']} | {r['pytorch_ms']:.0f} | {r['ours_ms']:.0f} | "
                  f"{r['ratio']:.2f}x | {r['load_avg_1min'][0]:.1f} |")
+  if rows and "ort_ms" in rows[0]:
+    lines += ["", "ONNX Runtime against ours at k = 1, each pair timed on its own.", "",
+              "| batch | length | ORT ms | ours ms | ours / ORT |", "|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['length']} | {r['ort_ms']:.0f} | {r['ours_ms_ort_pair']:.0f} "
+              f"| {r['ratio_vs_ort']:.2f}x |" for r in rows]
   ks = [e["k"] for e in rows[0]["elimination"]] if rows else []
   if ks:
     lines += ["", "Ours with elimination (profile: quickstart EP spread to 12 layers) against "

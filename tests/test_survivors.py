@@ -123,13 +123,19 @@ def test_more_protected_than_kept_still_keeps_the_last_token(family):
       assert np.flatnonzero(m)[-1] in np.asarray(pos)[row]
 
 
+def _sums(probs, valid, window):
+  """The column sums the attention accumulates for the window rule (``score_queries``)."""
+  queries = elimination.score_queries("window", valid, window, False, True)
+  return {n: elimination.column_sums(probs, w) for n, w in queries.items()}
+
+
 def test_window_scores_only_the_last_queries():
   """Pure function: eq. 8 over the last w valid queries, with left and right padding."""
   probs = jax.random.uniform(jax.random.PRNGKey(0), (2, 2, 6, 6))
   probs = jnp.tril(probs)
   valid = jnp.array([[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]], bool)
   pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
-  got = np.asarray(elimination.causal_ranking("window", probs, valid, pos, window=2))
+  got = np.asarray(elimination.causal_ranking("window", _sums(probs, valid, 2), valid, pos, window=2))
   attn = np.asarray(probs).mean(1)
   for row, queries in ((0, [2, 3]), (1, [4, 5])):
     for j in range(6):
@@ -151,8 +157,9 @@ def test_pooled_scores_keep_the_neighbours_of_a_high_score():
   probs = jnp.zeros((1, 1, 6, 6)).at[0, 0, 5, 2].set(0.9).at[0, 0, 5, 4].set(0.1)
   probs = probs + jnp.tril(jnp.full((6, 6), 1e-3))
   pos, ok = jnp.arange(6)[None], jnp.ones((1, 6), bool)
-  plain = np.asarray(elimination.causal_ranking("window", probs, ok, pos, window=1))
-  pooled = np.asarray(elimination.causal_ranking("window", probs, ok, pos, window=1, pool=3))
+  plain = np.asarray(elimination.causal_ranking("window", _sums(probs, ok, 1), ok, pos, window=1))
+  pooled = np.asarray(elimination.causal_ranking("window", _sums(probs, ok, 1), ok, pos, window=1,
+                                                  pool=3))
   assert plain[0, 4] > plain[0, 1] and pooled[0, 1] == pooled[0, 3] == pooled[0, 2]
   assert pooled[0, 1] > pooled[0, 4]
 

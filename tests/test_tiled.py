@@ -15,7 +15,7 @@ def _qkv(B=2, N=12, H=3, K=4, seed=0):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("block", [1, 4, 12])
+@pytest.mark.parametrize("block", [0, 1, 4, 5, 12])  # 5: a shorter last block
 def test_query_blocks_equal_the_whole_attention(causal, block):
   q, k, v = _qkv()
   B, N = q.shape[:2]
@@ -30,16 +30,27 @@ def test_query_blocks_equal_the_whole_attention(causal, block):
 
   whole = probs(q, allowed_BxQxS)
   want_ctx = attention.context(whole, v)
-  want_sv = elimination.score_vector(whole, valid, pos, causal=causal)
-  ctx, colsum = attention.query_blocked(
+  last3 = elimination.last_queries(valid, 3)
+  ctx, sums = attention.query_blocked(
       lambda s, n: probs(jax.lax.dynamic_slice_in_dim(q, s, n, 1),
                          jax.lax.dynamic_slice_in_dim(allowed_BxQxS, s, n, 1)),
-      lambda p, s, n: attention.context(p, v), N, block, valid)
+      lambda p, s, n: attention.context(p, v), N, block, {"all": valid, "last3": last3})
   np.testing.assert_allclose(np.asarray(ctx), np.asarray(want_ctx), atol=1e-6)
-  count = elimination.score_vector(jnp.ones_like(whole) * allowed_BxQxS[:, None], valid, pos,
-                                   causal=False) if causal else None
-  sv = colsum * valid if not causal else colsum / jnp.maximum(count, 1.0) * valid
-  np.testing.assert_allclose(np.asarray(sv), np.asarray(want_sv), atol=1e-6)
+  for name, queries in (("all", None), ("last3", last3)):
+    want_sv = elimination.score_vector(whole, valid, causal=causal, queries_BxN=queries)
+    sv = elimination.finish_scores(sums[name], valid, causal, queries)
+    np.testing.assert_allclose(np.asarray(sv), np.asarray(want_sv), atol=1e-6)
+
+
+def test_causal_counts_follow_positions():
+  """Eq. 8's divisor from slots equals the count over original positions, after elimination too."""
+  valid = jnp.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]], bool)
+  pos = jnp.array([[0, 0, 2, 5, 6, 9, 11], [1, 3, 4, 8, 10, 10, 10]])
+  queries = elimination.last_queries(valid, 3).astype(jnp.float32)
+  sees = (pos[:, :, None] >= pos[:, None, :]) & valid[:, :, None]
+  want = jnp.sum(jnp.where(sees, queries[:, :, None], 0.0), axis=1)
+  np.testing.assert_allclose(np.asarray(elimination.causal_counts(queries, valid) * valid),
+                             np.asarray(want * valid))
 
 
 def test_gradients_through_query_blocks_match():
@@ -57,13 +68,6 @@ def test_gradients_through_query_blocks_match():
 
   np.testing.assert_allclose(np.asarray(jax.grad(loss)(q, True)),
                              np.asarray(jax.grad(loss)(q, False)), atol=1e-5)
-
-
-def test_block_size_divides():
-  assert attention.block_size(512, 64) == 64 and attention.block_size(48, 64) == 48
-  assert attention.block_size(100, 64) == 50 and attention.block_size(7, 4) == 1
-  with pytest.raises(ValueError, match="does not divide"):
-    attention.query_blocked(None, None, 10, 4)
 
 
 def test_bert_blocked_attention_equals_the_whole_matrix():
@@ -92,3 +96,79 @@ def test_bert_blocked_attention_equals_the_whole_matrix():
   ga, gb = jax.grad(loss(whole))(params), jax.grad(loss(blocked))(params)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+
+
+def _assert_trees_close(a, b, atol=1e-5):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=atol)
+
+
+def _causal_batch(vocab, n=16):
+  ids = np.random.default_rng(0).integers(1, vocab, (2, n)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, :5] = 0  # left padding, as batched prompts are
+  return ids, mask
+
+
+@pytest.mark.parametrize("rule", ["score", "window"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_causal_blocked_attention_equals_the_whole_matrix(family, rule):
+  """Logits, score vectors, survivors and KV of GPT-2 and Llama (GQA, sliding window) with
+  left padding and elimination: blocks of 4 and 1 queries against all at once; gradients too."""
+  import dataclasses
+
+  from latadj_jax.models import gpt2, llama
+  if family == "gpt2":
+    cfg = gpt2.GPT2Config(vocab_size=60, n_positions=32, n_embd=24, n_layer=3, n_head=3,
+                          attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, survivors=rule,
+                          score_window=3)
+    build = gpt2.GPT2LMHeadModel
+  else:
+    cfg = llama.LlamaConfig(vocab_size=60, hidden_size=24, intermediate_size=40,
+                            num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
+                            max_position_embeddings=32, sliding_window=9, survivors=rule,
+                            score_window=3)
+    build = llama.LlamaForCausalLM
+  ids, mask = _causal_batch(60)
+  whole = build(cfg)
+  params = whole.init(jax.random.PRNGKey(0), ids, mask)["params"]
+  counts = (12, 8, 5)
+  run = lambda m, p: m.apply({"params": p}, ids, mask, keep_counts=counts, output_scores=True)
+  want = run(whole, params)
+  for block in (5, 1):
+    got = run(build(dataclasses.replace(cfg, attention_block=block)), params)
+    np.testing.assert_allclose(np.asarray(got["logits"]), np.asarray(want["logits"]), atol=1e-5)
+    for key in ("scores", "layer_positions"):
+      _assert_trees_close(want[key], got[key])
+
+  def loss(m):
+    extra = {"deterministic": False, "rngs": {"dropout": jax.random.PRNGKey(1)}}
+    if family == "llama":
+      extra = {}
+    return lambda p: jnp.sum(m.apply({"params": p}, ids, mask, keep_counts=counts,
+                                     **extra)["logits"] ** 2)
+  blocked = build(dataclasses.replace(cfg, attention_block=4))
+  _assert_trees_close(jax.grad(loss(whole))(params), jax.grad(loss(blocked))(params), atol=1e-4)
+
+
+def test_t5_blocked_encoder_equals_the_whole_matrix():
+  """T5's encoder (relative position bias per query block) with padding and elimination."""
+  import dataclasses
+
+  from latadj_jax.models import t5
+  cfg = t5.T5Config(vocab_size=60, d_model=24, d_kv=8, d_ff=32, num_layers=3, num_heads=3,
+                    relative_attention_num_buckets=8,
+                    relative_attention_max_distance=16)
+  ids = np.random.default_rng(0).integers(1, 60, (2, 16)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 11:] = 0
+  whole = t5.T5ForConditionalGeneration(cfg)
+  blocked = t5.T5ForConditionalGeneration(dataclasses.replace(cfg, attention_block=4))
+  enc = t5.T5ForConditionalGeneration.encode
+  params = whole.init(jax.random.PRNGKey(0), ids, mask, method=enc)["params"]
+  run = lambda m, p: m.apply({"params": p}, ids, mask, (12, 8, 5), True, method=enc)
+  want, got = run(whole, params), run(blocked, params)
+  for key in ("last_hidden_state", "scores", "layer_positions", "mask"):
+    _assert_trees_close(want[key], got[key])
+  loss = lambda m: lambda p: jnp.sum(run(m, p)["last_hidden_state"] ** 2)
+  _assert_trees_close(jax.grad(loss(whole))(params), jax.grad(loss(blocked))(params), atol=1e-4)

@@ -166,9 +166,10 @@ def attention_blocked(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, valid_BxN, dtype, with_sv
     probs = probs if dropout is None else dropout(probs, start)
     return attention.context(probs.astype(dtype), v_BxNxHxK)
 
-  ctx, colsum = attention.query_blocked(probs_of, context_of, N, attention.block_size(N, block),
-                                        valid_BxN if with_sv else None)
-  return ctx, (colsum * valid_BxN if with_sv else None)
+  weights = {"score": valid_BxN} if with_sv else None
+  ctx, sums = attention.query_blocked(probs_of, context_of, N, block,
+                                      weights)
+  return ctx, (elimination.finish_scores(sums["score"], valid_BxN) if with_sv else None)
 
 
 def attention_per_example(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, valid_BxN, dtype, with_sv: bool):
@@ -205,17 +206,14 @@ class BertSelfAttention(nn.Module):
       per_example = jax.default_backend() == "cpu"
     if cfg.attention_block > 0:
       rate = cfg.attention_probs_dropout_prob
-      dropout = None
-      if not deterministic and rate > 0:
-        rng = self.make_rng("dropout")
-        dropout = lambda p, start: jnp.where(
-            jax.random.bernoulli(jax.random.fold_in(rng, start), 1.0 - rate, p.shape),
-            p / (1.0 - rate), 0.0)
+      rng = self.make_rng("dropout") if not deterministic and rate > 0 else None
+      dropout = attention.block_dropout(rng, rate) if rng is not None else None
       ctx_BxNxHxK, sv_BxN = attention_blocked(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, valid_BxN,
                                               cfg.dtype, with_sv, cfg.attention_block, dropout)
     elif deterministic and per_example:
-      ctx_BxNxHxK, sv_BxN = attention_per_example(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, valid_BxN,
-                                                  cfg.dtype, with_sv)
+      with jax.named_scope("attend"):
+        ctx_BxNxHxK, sv_BxN = attention_per_example(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, valid_BxN,
+                                                    cfg.dtype, with_sv)
     else:
       _, probs_BxHxNxN, sv_BxN = attention_core(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, valid_BxN,
                                                 cfg.dtype, with_sv)

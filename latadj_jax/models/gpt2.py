@@ -59,6 +59,7 @@ class GPT2Config:
   keep_sinks: int = 0             # the first this many tokens always survive (StreamingLLM)
   keep_recent: int = 0            # the last this many tokens always survive
   score_pool: int = 0             # score/window: max-pool the scores over this many neighbours
+  attention_block: int = 0        # attend this many queries at a time (0: all at once); see attention.py
 
   def __post_init__(self):
     elimination.check_causal_rule(self.survivors, self.score_window, self.keep_sinks,
@@ -129,7 +130,6 @@ class GPT2Attention(nn.Module):
     cfg = self.config
     self.c_attn = Conv1D(3 * cfg.n_embd, cfg)
     self.c_proj = Conv1D(cfg.n_embd, cfg)
-    self.attn_dropout = nn.Dropout(cfg.attn_pdrop)
     self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
 
   def qkv(self, a_BxNxD):
@@ -139,16 +139,33 @@ class GPT2Attention(nn.Module):
     q, k, v = jnp.split(self.c_attn(a_BxNxD), 3, axis=-1)
     return tuple(x.reshape(B, N, cfg.n_head, cfg.head_dim) for x in (q, k, v))
 
-  def attend(self, q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, allowed_BxQxS, deterministic: bool):
-    """Returns (ctx_BxQxD with heads concatenated, pre-dropout probs_BxHxQxS)."""
+  def attend(self, q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, pos_q_BxQ, pos_k_BxS, valid_k_BxS,
+             deterministic: bool, weights=None, block: int = 0):
+    """Returns (ctx_BxQxD with heads concatenated, {name: column sums BxS} for ``weights``).
+
+    Causal over the carried original positions; ``attention.query_blocked``
+    runs it ``block`` queries at a time (0: all at once), and dropout applies
+    after the column sums have read the probabilities.
+    """
     cfg = self.config
     scale = cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
     if cfg.scale_attn_by_inverse_layer_idx:
       scale /= self.layer_idx + 1
-    probs = attention_probs(q_BxQxHxK, k_BxSxHxK, allowed_BxQxS, scale)
-    dropped = self.attn_dropout(probs, deterministic=deterministic)
-    ctx = attention.context(dropped.astype(cfg.dtype), v_BxSxHxK)
-    return ctx.reshape(ctx.shape[:2] + (-1,)), probs
+    rng = None if deterministic or cfg.attn_pdrop <= 0 else self.make_rng("dropout")
+    dropout = attention.block_dropout(rng, cfg.attn_pdrop)
+
+    def probs_of(start, size):
+      rows = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+      allowed = causal_allowed(rows(pos_q_BxQ), pos_k_BxS, valid_k_BxS)
+      return attention_probs(rows(q_BxQxHxK), k_BxSxHxK, allowed, scale)
+
+    def context_of(probs, start, size):
+      ctx = attention.context(dropout(probs, start).astype(cfg.dtype), v_BxSxHxK)
+      return ctx.reshape(ctx.shape[:2] + (-1,))
+
+    Q = q_BxQxHxK.shape[1]
+    return attention.query_blocked(probs_of, context_of, Q,
+                                   block, weights)
 
   def project(self, ctx_BxKxD, deterministic: bool):
     """Returns the output projection of the (kept) attention context."""
@@ -186,12 +203,15 @@ class GPT2Block(nn.Module):
     """Returns (h_BxKxD, carry at the kept positions, SV_BxN or None, kv of the N attended)."""
     cfg = self.config
     q, k, v = self.attn.qkv(self.ln_1(h_BxNxD))
-    allowed = causal_allowed(carry["positions"], carry["positions"], carry["valid"])
-    ctx_BxNxD, probs_BxHxNxN = self.attn.attend(q, k, v, allowed, deterministic)
+    valid, pos = carry["valid"], carry["positions"]
+    weights = elimination.score_queries(cfg.survivors, valid, cfg.score_window, with_scores,
+                                        n_keep < valid.shape[1])
+    ctx_BxNxD, sums = self.attn.attend(q, k, v, pos, pos, valid, deterministic, weights,
+                                       cfg.attention_block)
     # What this layer attended over is what its KV cache must hold.
-    kv = {"k": k, "v": v, "valid": carry["valid"], "positions": carry["positions"]}
+    kv = {"k": k, "v": v, "valid": valid, "positions": pos}
     sv_BxN, carry, ctx_BxNxD, h_BxNxD = elimination.causal_step(
-        probs_BxHxNxN, carry, n_keep, ctx_BxNxD, h_BxNxD, rule=cfg.survivors,
+        sums, carry, n_keep, ctx_BxNxD, h_BxNxD, rule=cfg.survivors,
         window=cfg.score_window, with_scores=with_scores, method=cfg.selection,
         pool=cfg.score_pool)
     return self._finish(h_BxNxD, ctx_BxNxD, deterministic), carry, sv_BxN, kv
@@ -203,8 +223,8 @@ class GPT2Block(nn.Module):
     cache = {"k": upd(cache["k"], k), "v": upd(cache["v"], v),
              "valid": upd(cache["valid"], jnp.ones_like(pos_B, bool)[:, None]),
              "positions": upd(cache["positions"], pos_B[:, None])}
-    allowed = causal_allowed(pos_B[:, None], cache["positions"], cache["valid"])
-    ctx_Bx1xD, _ = self.attn.attend(q, cache["k"], cache["v"], allowed, True)
+    ctx_Bx1xD, _ = self.attn.attend(q, cache["k"], cache["v"], pos_B[:, None], cache["positions"],
+                                    cache["valid"], True)
     return self._finish(h_Bx1xD, ctx_Bx1xD, True), cache
 
 

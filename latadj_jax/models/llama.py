@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from latadj_jax.core import elimination
+from latadj_jax.models import attention
 from latadj_jax.models.bert import check_keep_counts
 from latadj_jax.models.gpt2 import causal_allowed, default_position_ids
 from latadj_jax.models.lm_head import CausalLM
@@ -87,6 +88,7 @@ class LlamaConfig:
   keep_sinks: int = 0                      # the first this many tokens always survive
   keep_recent: int = 0                     # the last this many tokens always survive
   score_pool: int = 0                      # score/window: max-pool the scores over K neighbours
+  attention_block: int = 0                 # attend this many queries at a time (0: all at once)
 
   def __post_init__(self):
     elimination.check_causal_rule(self.survivors, self.score_window, self.keep_sinks,
@@ -147,6 +149,15 @@ class LlamaConfig:
     return self.max_position_embeddings
 
 
+def allowed_keys(pos_q_BxQ: jax.Array, pos_k_BxS: jax.Array, valid_k_BxS: jax.Array,
+                 sliding_window: int | None) -> jax.Array:
+  """Returns the BxQxS mask: causal (and windowed) on original positions, pads excluded."""
+  allowed = causal_allowed(pos_q_BxQ, pos_k_BxS, valid_k_BxS)
+  if sliding_window:
+    allowed &= (pos_q_BxQ[:, :, None] - pos_k_BxS[:, None, :]) < sliding_window
+  return allowed
+
+
 # --- modules ----------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
   """HF's LlamaRMSNorm: normalise in float32, then scale by ``weight``."""
@@ -188,17 +199,23 @@ class LlamaAttention(nn.Module):
     cos, sin = rope_cos_sin(rope_pos_BxN, rope_inv_freq(cfg))
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-  def allowed(self, pos_q_BxQ, pos_k_BxS, valid_k_BxS):
-    """Returns the BxQxS mask: causal (and windowed) on original positions, pads excluded."""
-    allowed = causal_allowed(pos_q_BxQ, pos_k_BxS, valid_k_BxS)
-    if self.config.sliding_window:
-      allowed &= (pos_q_BxQ[:, :, None] - pos_k_BxS[:, None, :]) < self.config.sliding_window
-    return allowed
+  def attend(self, q_BxQxHxK, k_BxSxGxK, v_BxSxGxK, pos_q_BxQ, pos_k_BxS, valid_k_BxS,
+             weights=None, block: int = 0):
+    """Returns (ctx_BxQxD with heads concatenated, {name: column sums BxS} for ``weights``).
 
-  def attend(self, q_BxQxHxK, k_BxSxGxK, v_BxSxGxK, allowed_BxQxS):
-    """Returns (ctx_BxQxD with heads concatenated, probs_BxHxQxS)."""
-    probs = gqa_probs(q_BxQxHxK, k_BxSxGxK, allowed_BxQxS)
-    return gqa_context(probs.astype(self.config.dtype), v_BxSxGxK), probs
+    ``attention.query_blocked`` runs it ``block`` queries at a time (0: all at once).
+    """
+    window = self.config.sliding_window
+
+    def probs_of(start, size):
+      rows = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+      allowed = allowed_keys(rows(pos_q_BxQ), pos_k_BxS, valid_k_BxS, window)
+      return gqa_probs(rows(q_BxQxHxK), k_BxSxGxK, allowed)
+
+    context_of = lambda probs, start, size: gqa_context(probs.astype(self.config.dtype), v_BxSxGxK)
+    Q = q_BxQxHxK.shape[1]
+    return attention.query_blocked(probs_of, context_of, Q,
+                                   block, weights)
 
 
 class LlamaMLP(nn.Module):
@@ -232,11 +249,13 @@ class LlamaDecoderLayer(nn.Module):
     """Returns (h_BxKxD, carry at the kept positions, SV_BxN or None, kv of the N attended)."""
     cfg = self.config
     q, k, v = self.self_attn.qkv(self.input_layernorm(h_BxNxD), carry["rope_pos"])
-    allowed = self.self_attn.allowed(carry["positions"], carry["positions"], carry["valid"])
-    ctx_BxNxD, probs_BxHxNxN = self.self_attn.attend(q, k, v, allowed)
-    kv = {"k": k, "v": v, "valid": carry["valid"], "positions": carry["positions"]}
+    valid, pos = carry["valid"], carry["positions"]
+    weights = elimination.score_queries(cfg.survivors, valid, cfg.score_window, with_scores,
+                                        n_keep < valid.shape[1])
+    ctx_BxNxD, sums = self.self_attn.attend(q, k, v, pos, pos, valid, weights, cfg.attention_block)
+    kv = {"k": k, "v": v, "valid": valid, "positions": pos}
     sv_BxN, carry, ctx_BxNxD, h_BxNxD = elimination.causal_step(
-        probs_BxHxNxN, carry, n_keep, ctx_BxNxD, h_BxNxD, rule=cfg.survivors,
+        sums, carry, n_keep, ctx_BxNxD, h_BxNxD, rule=cfg.survivors,
         window=cfg.score_window, with_scores=with_scores, method=cfg.selection,
         pool=cfg.score_pool)
     return self._finish(h_BxNxD, ctx_BxNxD), carry, sv_BxN, kv
@@ -248,8 +267,8 @@ class LlamaDecoderLayer(nn.Module):
     cache = {"k": upd(cache["k"], k), "v": upd(cache["v"], v),
              "valid": upd(cache["valid"], jnp.ones_like(pos_B, bool)[:, None]),
              "positions": upd(cache["positions"], pos_B[:, None])}
-    allowed = self.self_attn.allowed(pos_B[:, None], cache["positions"], cache["valid"])
-    ctx_Bx1xD, _ = self.self_attn.attend(q, cache["k"], cache["v"], allowed)
+    ctx_Bx1xD, _ = self.self_attn.attend(q, cache["k"], cache["v"], pos_B[:, None],
+                                         cache["positions"], cache["valid"])
     return self._finish(h_Bx1xD, ctx_Bx1xD), cache
 
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from latadj_jax.core import elimination
+from latadj_jax.models import attention, t5_attention
 from latadj_jax.models.bert import activation, check_keep_counts
 from latadj_jax.models.t5_attention import T5Attention
 
@@ -57,6 +58,7 @@ class T5Config:
   decoder_start_token_id: int = 0
   dtype: str = "float32"          # activations; parameters stay float32
   selection: str = "gather"       # "gather" or "onehot" token selection
+  attention_block: int = 0        # encoder: attend this many queries at a time (0: all at once)
 
   def __post_init__(self):
     if self.num_decoder_layers is None:
@@ -181,16 +183,31 @@ class T5Block(nn.Module):
     """Returns the relative position bias (only block 0 has the table; HF shares it)."""
     return self.sub[0].SelfAttention.bias(pos_q_BxQ, pos_k_BxK, not self.decoder)
 
-  def encode(self, h_BxNxD, carry: dict, bias_BxHxNxN, n_keep: int, with_scores: bool):
-    """Returns (h_BxKxD, carry at the kept positions, SV_BxN or None)."""
+  def encode(self, h_BxNxD, carry: dict, bias_of, n_keep: int, with_scores: bool):
+    """Returns (h_BxKxD, carry at the kept positions, SV_BxN or None).
+
+    ``bias_of(start, size)`` returns the position bias of queries ``start ..
+    start+size-1``, BxHxsizexN; the attention runs ``attention_block`` queries at a
+    time (0: all at once).
+    """
     cfg, sa = self.config, self.sub[0]
     q, k, v = sa.qkv(h_BxNxD)
-    B, N = carry["valid"].shape
-    allowed_BxNxN = jnp.broadcast_to(carry["valid"][:, None, :], (B, N, N))
-    ctx_BxNxF, probs_BxHxNxN = sa.SelfAttention.attend(q, k, v, bias_BxHxNxN, allowed_BxNxN)
-    sv_BxN = None
-    if with_scores or n_keep < N:
-      sv_BxN = elimination.score_vector(probs_BxHxNxN, carry["valid"])
+    valid = carry["valid"]
+    N = valid.shape[1]
+
+    def probs_of(start, size):
+      rows = jax.lax.dynamic_slice_in_dim(q, start, size, axis=1)
+      allowed = jnp.broadcast_to(valid[:, None, :], (valid.shape[0], size, N))
+      return t5_attention.attention_probs(rows, k, bias_of(start, size), allowed)
+
+    def context_of(probs, start, size):
+      ctx = attention.context(probs.astype(cfg.dtype), v)
+      return ctx.reshape(ctx.shape[:2] + (-1,))
+
+    weights = {"score": valid} if with_scores or n_keep < N else None
+    block = cfg.attention_block
+    ctx_BxNxF, sums = attention.query_blocked(probs_of, context_of, N, block, weights)
+    sv_BxN = elimination.finish_scores(sums["score"], valid) if weights else None
     if n_keep < N:
       names = sorted(carry)
       _, ctx_BxNxF, h_BxNxD, *kept = elimination.eliminate(
@@ -256,12 +273,20 @@ class T5Stack(nn.Module):
     """Returns (h_BxKxD after final_layer_norm, carry, aux with per-layer positions/scores/ACC)."""
     blocks = self.layers()
     aux = {"scores": [], "acc": [], "positions": []}
+    table = blocks[0].sub[0].SelfAttention.relative_attention_bias.embedding
+    distance = self.config.relative_attention_max_distance
     bias = None
     for block, n_keep in zip(blocks, keep_counts):
-      if bias is None:  # positions change only where a layer eliminated
-        bias = blocks[0].bias(carry["positions"], carry["positions"])
+      pos = carry["positions"]
+      if self.config.attention_block > 0:  # each query block's bias, never the whole N x N
+        bias_of = lambda start, size, pos=pos: t5_attention.position_bias(
+            table, jax.lax.dynamic_slice_in_dim(pos, start, size, axis=1), pos, True, distance)
+      else:
+        if bias is None:  # positions change only where a layer eliminated
+          bias = blocks[0].bias(pos, pos)
+        bias_of = lambda start, size, bias=bias: bias
       valid_before, n_before = carry["valid"], h_BxNxD.shape[1]
-      h_BxNxD, carry, sv_BxN = block.encode(h_BxNxD, carry, bias, n_keep, with_scores)
+      h_BxNxD, carry, sv_BxN = block.encode(h_BxNxD, carry, bias_of, n_keep, with_scores)
       bias = bias if n_keep == n_before else None
       aux["positions"].append(carry["positions"])
       if with_scores:
