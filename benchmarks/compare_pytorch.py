@@ -20,6 +20,8 @@ written on is shared, and contention slows both frameworks, not always alike.
     python benchmarks/compare_pytorch.py                 # all 9 shapes (about 25 min on 2 cores)
     python benchmarks/compare_pytorch.py --quick         # 4 small shapes, few rounds (~3 min)
     python benchmarks/compare_pytorch.py --shapes 8x128,32x128 --ks 0.9
+    python benchmarks/compare_pytorch.py --ort           # + ONNX Runtime pairs (pip install -e '.[bench]')
+    python benchmarks/compare_pytorch.py --dtype bfloat16   # ours bf16 against PyTorch bf16 autocast
 """
 
 from __future__ import annotations
@@ -144,7 +146,11 @@ def ort_session(hf, directory: Path, threads: int = 2):
   next on a 2-core machine (PyTorch at 8x128 went from 1,019 to 1,369 ms with
   ORT in the same loop), so ``session.intra_op.allow_spinning`` is 0.
   """
-  import onnxruntime as ort
+  try:
+    import onnx  # noqa: F401  (torch.onnx.export needs it)
+    import onnxruntime as ort
+  except ImportError as e:
+    raise SystemExit(f"--ort needs ONNX Runtime: pip install -e '.[bench]' ({e})") from e
   import torch
   path = directory / "bert.onnx"
   if not path.exists():
@@ -152,10 +158,21 @@ def ort_session(hf, directory: Path, threads: int = 2):
     names = ["input_ids", "attention_mask", "token_type_ids"]
     axes = {n: {0: "batch", 1: "length"} for n in names}
     axes["last_hidden_state"] = {0: "batch", 1: "length"}
+    class Positional(torch.nn.Module):  # the exporter passes inputs by position
+      def __init__(self):
+        super().__init__()
+        self.hf = hf
+
+      def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.hf(input_ids=input_ids, attention_mask=attention_mask,
+                      token_type_ids=token_type_ids)
+        return out.last_hidden_state, out.pooler_output
+
     with torch.inference_mode():
-      torch.onnx.export(hf, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path),
+      torch.onnx.export(Positional(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path),
                         input_names=names, output_names=["last_hidden_state", "pooler_output"],
                         dynamic_axes=axes, opset_version=17, dynamo=False)
+    hf.eval()  # the exporter can leave the module in training mode (dropout on)
   opts = ort.SessionOptions()
   opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
   opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
