@@ -6,8 +6,10 @@ it came from. The categories, from the op names the models give:
 ``scores`` (the score vector's column sums, ``elimination.column_sums``),
 ``select`` (eq. 8's divisor, ranking, top-k and the gathers of Sort+Eliminate),
 ``attention`` (logits, softmax and context: the ``attend`` scope of
-``attention.query_blocked`` and BERT's attention; its ``scores`` counted apart), ``dense`` (every other dot: projections and MLP) and
-``other`` (norms, activations, residuals, layout). Thunk times are summed over
+``attention.query_blocked`` and BERT's attention; its ``scores`` counted
+apart), ``dense`` (every other dot, projections and MLP, with whatever
+elementwise work XLA fused into it) and ``other`` (the rest: norms,
+activations, residuals, layout). Thunk times are summed over
 XLA's threads, so they can exceed the wall time on 2 cores.
 
     python benchmarks/layer_breakdown.py --family gpt2 --seq_len 1024 --ks 1.0,0.9,0.8

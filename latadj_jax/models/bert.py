@@ -167,8 +167,7 @@ def attention_blocked(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, valid_BxN, dtype, with_sv
     return attention.context(probs.astype(dtype), v_BxNxHxK)
 
   weights = {"score": valid_BxN} if with_sv else None
-  ctx, sums = attention.query_blocked(probs_of, context_of, N, block,
-                                      weights)
+  ctx, sums = attention.query_blocked(probs_of, context_of, N, block, weights)
   return ctx, (elimination.finish_scores(sums["score"], valid_BxN) if with_sv else None)
 
 

@@ -164,8 +164,7 @@ class GPT2Attention(nn.Module):
       return ctx.reshape(ctx.shape[:2] + (-1,))
 
     Q = q_BxQxHxK.shape[1]
-    return attention.query_blocked(probs_of, context_of, Q,
-                                   block, weights)
+    return attention.query_blocked(probs_of, context_of, Q, block, weights)
 
   def project(self, ctx_BxKxD, deterministic: bool):
     """Returns the output projection of the (kept) attention context."""

@@ -214,8 +214,7 @@ class LlamaAttention(nn.Module):
 
     context_of = lambda probs, start, size: gqa_context(probs.astype(self.config.dtype), v_BxSxGxK)
     Q = q_BxQxHxK.shape[1]
-    return attention.query_blocked(probs_of, context_of, Q,
-                                   block, weights)
+    return attention.query_blocked(probs_of, context_of, Q, block, weights)
 
 
 class LlamaMLP(nn.Module):

@@ -205,8 +205,8 @@ class T5Block(nn.Module):
       return ctx.reshape(ctx.shape[:2] + (-1,))
 
     weights = {"score": valid} if with_scores or n_keep < N else None
-    block = cfg.attention_block
-    ctx_BxNxF, sums = attention.query_blocked(probs_of, context_of, N, block, weights)
+    ctx_BxNxF, sums = attention.query_blocked(probs_of, context_of, N, cfg.attention_block,
+                                              weights)
     sv_BxN = elimination.finish_scores(sums["score"], valid) if weights else None
     if n_keep < N:
       names = sorted(carry)
