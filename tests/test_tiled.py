@@ -142,9 +142,8 @@ def test_causal_blocked_attention_equals_the_whole_matrix(family, rule):
       _assert_trees_close(want[key], got[key])
 
   def loss(m):
-    extra = {"deterministic": False, "rngs": {"dropout": jax.random.PRNGKey(1)}}
-    if family == "llama":
-      extra = {}
+    extra = {} if family == "llama" else {"deterministic": False,
+                                          "rngs": {"dropout": jax.random.PRNGKey(1)}}
     return lambda p: jnp.sum(m.apply({"params": p}, ids, mask, keep_counts=counts,
                                      **extra)["logits"] ** 2)
   blocked = build(dataclasses.replace(cfg, attention_block=4))

@@ -34,7 +34,7 @@ def score_vector(probs_BxHxNxN: jax.Array, valid_BxN: jax.Array, causal: bool = 
   """
   valid = valid_BxN.astype(jnp.float32)
   queries = valid if queries_BxN is None else queries_BxN.astype(jnp.float32) * valid
-  return finish_scores(column_sums(probs_BxHxNxN, queries), valid, causal, queries_BxN)
+  return finish_scores(column_sums(probs_BxHxNxN, queries), valid, causal, queries)
 
 
 def column_sums(probs_BxHxQxS: jax.Array, weights_BxQ: jax.Array) -> jax.Array:
@@ -57,7 +57,7 @@ def causal_counts(queries_BxN: jax.Array, valid_BxN: jax.Array) -> jax.Array:
   the order), so the queries that see column ``j`` are the ones at slots
   ``>= j``: a reversed cumulative sum, not an N x N comparison.
   """
-  w_BxN = (queries_BxN.astype(jnp.float32) * valid_BxN.astype(jnp.float32))
+  w_BxN = queries_BxN.astype(jnp.float32) * valid_BxN.astype(jnp.float32)
   return jnp.cumsum(w_BxN[:, ::-1], axis=-1)[:, ::-1]
 
 
@@ -66,7 +66,7 @@ def finish_scores(colsum_BxN: jax.Array, valid_BxN: jax.Array, causal: bool = Fa
   """Returns SV_BxN from ``column_sums``: eq. 8's division for a causal model, pads set to 0."""
   valid = valid_BxN.astype(jnp.float32)
   if causal:  # the divisor is selection work, not attention
-    queries = valid if queries_BxN is None else queries_BxN.astype(jnp.float32) * valid
+    queries = valid if queries_BxN is None else queries_BxN
     colsum_BxN = colsum_BxN / jnp.maximum(causal_counts(queries, valid), 1.0)
   return colsum_BxN * valid
 

@@ -148,11 +148,12 @@ def attention_core(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, valid_BxN, dtype, with_sv: b
 
 
 def attention_blocked(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, valid_BxN, dtype, with_sv: bool,
-                      block: int, dropout=None):
+                      block: int, dropout):
   """Returns (ctx_BxNxHxK, sv_BxN or None): ``attention_core`` over blocks of ``block`` queries.
 
-  ``dropout(probs, start)`` (training) drops each block's probabilities after
-  the score vector has read them, as the whole-matrix path does.
+  ``dropout(probs, start)`` (``attention.block_dropout``; the identity in
+  inference) drops each block's probabilities after the score vector has read
+  them, as the whole-matrix path does.
   """
   N = q_BxNxHxK.shape[1]
   q_scaled = q_BxNxHxK * q_BxNxHxK.shape[-1] ** -0.5
@@ -163,8 +164,7 @@ def attention_blocked(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, valid_BxN, dtype, with_sv
     return jax.nn.softmax(attention.logits(rows, k_BxNxHxK).astype(jnp.float32) + bias, axis=-1)
 
   def context_of(probs, start, size):
-    probs = probs if dropout is None else dropout(probs, start)
-    return attention.context(probs.astype(dtype), v_BxNxHxK)
+    return attention.context(dropout(probs, start).astype(dtype), v_BxNxHxK)
 
   weights = {"score": valid_BxN} if with_sv else None
   ctx, sums = attention.query_blocked(probs_of, context_of, N, block, weights)
@@ -206,7 +206,7 @@ class BertSelfAttention(nn.Module):
     if cfg.attention_block > 0:
       rate = cfg.attention_probs_dropout_prob
       rng = self.make_rng("dropout") if not deterministic and rate > 0 else None
-      dropout = attention.block_dropout(rng, rate) if rng is not None else None
+      dropout = attention.block_dropout(rng, rate)
       ctx_BxNxHxK, sv_BxN = attention_blocked(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, valid_BxN,
                                               cfg.dtype, with_sv, cfg.attention_block, dropout)
     elif deterministic and per_example:
