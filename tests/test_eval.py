@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -56,6 +57,17 @@ def test_coeff_one_flat_equals_plain_forward(workdir):
     # Same math; the AOT executable and eager apply may fuse differently (ulp-level).
     np.testing.assert_allclose(logits[batch["index"][real]], np.asarray(plain)[real],
                                atol=1e-6, rtol=0)
+
+
+def test_dtype_override_evaluates_in_bf16_beside_float32_results(workdir):
+  (f32,) = offline.evaluate_workdir(workdir, [1.0], time_repeats=1)
+  r = offline.restore(workdir, "bfloat16")
+  assert {x.dtype.name for x in jax.tree.leaves(r.pre.params)} == {"bfloat16"}
+  (bf16,) = offline.evaluate_workdir(workdir, [1.0], time_repeats=1, dtype="bfloat16")
+  stored = json.loads((workdir / "eval_results_bfloat16.json").read_text())
+  assert stored["dtype"] == "bfloat16" and stored["rows"][0]["accuracy"] == bf16["accuracy"]
+  assert json.loads((workdir / "eval_results.json").read_text())["dtype"] == "float32"
+  assert abs(bf16["accuracy"] - f32["accuracy"]) <= 0.1   # same model, coarser arithmetic
 
 
 def _eval_cli(*args, cwd=REPO):

@@ -22,9 +22,14 @@ def evaluate_workdir(args: argparse.Namespace) -> int:
   speedup = None if args.speedup is None else targets.validate_speedup(args.speedup)
   latency = None if args.latency_ms is None else targets.validate_latency_ms(args.latency_ms)
   coeffs = offline.parse_coeffs(args.coeff or "1.0")
+  if args.dtype and (speedup is not None or latency is not None or args.calibrate):
+    raise ValueError("--dtype applies to a --coeff sweep; --speedup, --latency_ms and --calibrate "
+                     "use the run's dtype")
   run = wd.load_run(args.workdir)                 # ... and on a workdir with nothing in it
   xla_cache.setup_compilation_cache(args.cache_dir or Path(args.workdir) / "xla_cache")
   if run.config.get("task") == "lm":
+    if args.dtype:
+      raise ValueError("--dtype is for classifier workdirs; a language model evaluates in its run's dtype")
     return _evaluate_lm(args, coeffs)
   common = dict(batch_size=args.batch_size, profile=args.profile)
   if speedup is not None or (latency is not None and not args.calibrate):
@@ -42,7 +47,7 @@ def evaluate_workdir(args: argparse.Namespace) -> int:
                             **common)
   else:
     offline.evaluate_workdir(args.workdir, coeffs, split=args.split, max_examples=args.max_examples,
-                             time_repeats=args.repeats, cache=cache, **common)
+                             time_repeats=args.repeats, cache=cache, dtype=args.dtype, **common)
   return 0
 
 

@@ -36,16 +36,26 @@ class Restored:
     return buckets_of(self.run.config)
 
 
-def restore(workdir: str | Path) -> Restored:
-  """Returns the latest checkpoint of a workdir with its model, tokenizer, task and profile."""
+def restore(workdir: str | Path, dtype: str = "") -> Restored:
+  """Returns the latest checkpoint of a workdir with its model, tokenizer, task and profile.
+
+  ``dtype`` ("float32" or "bfloat16") overrides the run's activation dtype, and
+  the parameters are cast to it; results then go to ``eval_results_<dtype>.json``.
+  """
   import transformers
   run = wd.load_run(workdir)
+  if dtype:
+    with run.config.unlocked():
+      run.config.dtype = dtype
+      run.config.results_suffix = "" if dtype == "float32" else f"_{dtype}"
   task = splits.task_of(run.config)
   module, cfg, dummy = models.build(run.hf_config, "classification", num_labels=task.num_labels,
                                     dtype=run.config.dtype,
                                     **models.survivor_overrides(run.config, causal=False))
   abstract = jax.eval_shape(lambda: models.init_params(module, dummy))
   params, step = wd.restore_params(run.workdir, abstract)
+  if dtype:
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(run.workdir / wd.TOKENIZER))
   pre = models.Pretrained(module, params, cfg, run.hf_config, None, None)
   return Restored(run, pre, tokenizer, task, step)
@@ -61,9 +71,10 @@ def parse_coeffs(text: str) -> list[float]:
 
 def evaluate_workdir(workdir: str | Path, coeffs: Sequence[float], *, split: str = "validation",
                      batch_size: int = 0, max_examples: int = 0, profile: str = "",
-                     time_repeats: int = 10, cache: evaluate.ExecutableCache | None = None) -> list[dict]:
+                     time_repeats: int = 10, cache: evaluate.ExecutableCache | None = None,
+                     dtype: str = "") -> list[dict]:
   """Returns the sweep rows for a trained workdir, printing and saving the report."""
-  r, ep = prepare(workdir, batch_size, profile)
+  r, ep = prepare(workdir, batch_size, profile, dtype)
   config = r.run.config
   (enc,) = splits.load_encoded_split(config, r.task, r.tokenizer, split, max_examples)
   print(f"evaluating {r.run.workdir} (step {r.step}) on {split}: {len(enc.labels)} examples")
@@ -79,9 +90,10 @@ def profile_of(run: wd.Run, override: str = "") -> tuple[float, ...]:
   return schedule.parse_profile(override, len(run.profile)) if override else run.profile
 
 
-def prepare(workdir: str | Path, batch_size: int, profile: str) -> tuple[Restored, tuple[float, ...]]:
+def prepare(workdir: str | Path, batch_size: int, profile: str,
+            dtype: str = "") -> tuple[Restored, tuple[float, ...]]:
   """Returns the restored workdir (with ``batch_size`` as its eval batch size, if set) and its profile."""
-  r = restore(workdir)
+  r = restore(workdir, dtype)
   with r.run.config.unlocked():
     if batch_size:
       r.run.config.eval_batch_size = batch_size

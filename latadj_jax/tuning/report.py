@@ -43,11 +43,12 @@ class MetricLogger:
       self._tb.close()
 
 
-def write_results(rows: Sequence[dict], workdir: Path, extra: dict[str, Any]) -> None:
-  """Writes ``eval_results.json`` and ``eval_results.csv`` into the workdir."""
-  wd.write_json(workdir / "eval_results.json", {**extra, "rows": list(rows)})
+def write_results(rows: Sequence[dict], workdir: Path, extra: dict[str, Any],
+                  suffix: str = "") -> None:
+  """Writes ``eval_results{suffix}.json`` and ``.csv`` into the workdir."""
+  wd.write_json(workdir / f"eval_results{suffix}.json", {**extra, "rows": list(rows)})
   keys = list(dict.fromkeys(k for r in rows for k in r))
-  with open(workdir / "eval_results.csv", "w", newline="") as f:
+  with open(workdir / f"eval_results{suffix}.csv", "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=keys)
     writer.writeheader()
     for r in rows:
@@ -71,8 +72,10 @@ def sweep_and_report(config, pre, params, eval_enc, buckets, ep, task, workdir: 
   print(clf.cache.stats)
   write_results(rows, workdir, {"device": timing.device_name(), "task": task.name,
                                 "model": str(config.model), "profile": list(ep),
-                                "cache": vars(clf.cache.stats)})
+                                "dtype": config.dtype, "cache": vars(clf.cache.stats)},
+                suffix=config.get("results_suffix", ""))
   if len(rows) > 1:
-    plots.plot_sweep(rows, task.main_metric, workdir / "eval_sweep.png",
+    plots.plot_sweep(rows, task.main_metric,
+                     workdir / f"eval_sweep{config.get('results_suffix', '')}.png",
                      title=f"{task.name}: offline tuning of one fine-tuned model")
   return rows
