@@ -7,8 +7,8 @@
 
 k moves between --k_min and --k_max (default: k = 1 down to the lowest k of the
 workdir's eval sweep within --max_drop points of k = 1). Every (length bucket,
-batch size, k) executable compiles before /readyz turns 200; the compiled
-programs (WORKDIR/xla_cache) and the latency table
+batch size, k) executable compiles before /readyz turns 200; the executables
+(WORKDIR/serve_executables) and the latency table
 (WORKDIR/serve_latency_<device>.json) are kept, so a second start is quick.
 This file is intentionally short: the server lives in ``latadj_jax.serving``.
 """

@@ -288,13 +288,12 @@ def experiment(args) -> dict:
   # Start-up: the adaptive server twice (first start compiles and times the table; the second loads).
   starts = []
   for attempt in ("first", "second"):
-    if attempt == "first":
+    if attempt == "first":   # a true first start: no executables, table or XLA cache of earlier runs
+      import shutil
       for f in Path(args.workdir).glob("serve_latency_*.json"):
         f.unlink()
-      cache = Path(args.workdir) / "xla_cache"
-      if cache.is_dir() and args.cold:
-        import shutil
-        shutil.rmtree(cache)
+      for d in ("serve_executables", "xla_cache"):
+        shutil.rmtree(Path(args.workdir) / d, ignore_errors=True)
     s = Server(args.workdir, args.slo_ms, *modes["adaptive"], *common, log=logs / "startup.log")
     starts.append({"start": attempt, "ready_s": s.ready_s, **s.readyz})
     s.stop()
@@ -394,7 +393,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   e.add_argument("--search_duration", type=float, default=10.0, help="seconds per C1 probe")
   e.add_argument("--c1_start", type=float, default=20.0, help="first rate of the C1 search")
   e.add_argument("--step_s", type=float, default=10.0, help="seconds per phase of the step trace")
-  e.add_argument("--cold", action="store_true", help="clear WORKDIR/xla_cache before the first start")
   e.add_argument("--data", default=str(SST2_DEV))
   e.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
   return p.parse_args(argv)

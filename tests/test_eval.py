@@ -134,3 +134,23 @@ def test_hub_unreachable_fails_fast_with_guidance(tmp_path):
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert "bert-base-uncased" in proc.stderr
   assert "--config.model=DIR" in proc.stderr and "--config.data_dir=DIR" in proc.stderr
+
+
+def test_executables_serialized_to_disk_load_without_lowering(workdir, tmp_path):
+  r, clf = _classifier(workdir)
+  counts = evaluate.schedules_for(0.8, r.run.profile, r.buckets)
+  clf.cache = evaluate.ExecutableCache(disk_dir=tmp_path)
+  first = clf.predict(counts)
+  assert clf.cache.stats.disk_hits == 0 and len(list(tmp_path.glob("*.exe"))) == len(r.buckets)
+  clf.cache = evaluate.ExecutableCache(disk_dir=tmp_path)   # a new process, in effect
+  lowered = []
+  original = clf.cache.get
+  clf.cache.get = lambda key, lower: original(key, lambda: lowered.append(key) or lower())
+  again = clf.predict(counts)
+  assert lowered == [] and clf.cache.stats.disk_hits == len(r.buckets)
+  np.testing.assert_array_equal(first, again)
+  stale = evaluate.ExecutableCache(disk_dir=tmp_path)
+  stale._fingerprint = "other model code"               # an edited model never loads old programs
+  clf.cache = stale
+  clf.predict(counts)
+  assert stale.stats.disk_hits == 0 and stale.stats.misses == len(r.buckets)

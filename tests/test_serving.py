@@ -456,6 +456,7 @@ def test_serve_cli_second_start_loads_everything_and_sigterm_drains(trained):
     wait_ready(port, timeout=300)
     status, ready, _ = call(port, "GET", "/readyz")
     assert ready["ks"] == [1.0, 0.6] and ready["latency_table"] == "measured"
+    assert ready["executables"] == {"compiled": 12, "loaded": 0}   # 2 buckets x 3 batches x 2 k
     status, body, _ = call(port, "POST", "/v1/classify", {"texts": ["a good film", "dull"]})
     assert status == 200 and set(body["labels"]) <= {0, 1} and body["k"] in (1.0, 0.6)
   finally:
@@ -471,7 +472,9 @@ def test_serve_cli_second_start_loads_everything_and_sigterm_drains(trained):
   second = start_serve(trained, port, "--max_queue_delay_ms=800")
   try:
     wait_ready(port, timeout=300)
-    assert call(port, "GET", "/readyz")[1]["latency_table"] == "loaded"
+    ready = call(port, "GET", "/readyz")[1]
+    assert ready["latency_table"] == "loaded"
+    assert ready["executables"] == {"compiled": 0, "loaded": 12}
     assert set(os.listdir(cache)) == entries          # nothing compiled anew
     # Three requests wait up to 800 ms for a fuller batch; SIGTERM arrives meanwhile.
     with concurrent.futures.ThreadPoolExecutor(3) as pool:

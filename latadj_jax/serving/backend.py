@@ -2,9 +2,10 @@
 
 ``ServedModel`` tokenizes requests (flagging truncated texts), runs a padded
 batch at a given k with the cached executable of that (bucket, padded batch
-size, keep counts), compiles all of them up front (``warm``; JAX's persistent
-cache in ``WORKDIR/xla_cache`` makes a second start a load, not a compile),
-and measures or reloads the latency table the k policy predicts from.
+size, keep counts), compiles all of them up front (``warm``) and serializes each
+to ``WORKDIR/serve_executables``, so a second start loads them whole instead of
+tracing and compiling, and measures or reloads the latency table the k policy
+predicts from.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class Item:
   truncated: bool
 
 
+EXECUTABLES = "serve_executables"   # serialized executables, under the workdir
+
+
 def table_path(workdir: Path, device: str) -> Path:
   return Path(workdir) / f"serve_latency_{targets.device_slug(device)}.json"
 
@@ -48,7 +52,8 @@ class ServedModel:
     self.buckets = restored.buckets
     self.max_len = restored.run.config.max_len
     self.task = restored.task
-    base = offline.classifier(restored)
+    disk = restored.run.workdir / EXECUTABLES
+    base = offline.classifier(restored, cache=evaluate.ExecutableCache(disk_dir=disk))
     self._clfs = {b: dataclasses.replace(base, batch_size=b) for b in self.batch_sizes}
     self.cache = base.cache
     self._pad_id = restored.tokenizer.pad_token_id or 0
@@ -165,5 +170,5 @@ def default_k_range(workdir: str | Path, max_drop: float) -> tuple[float, float]
   by_k = {r["coeff"]: r[metric] for r in rows} if metric else {}
   if 1.0 not in by_k:
     raise ValueError(f"the eval sweep in {str(path)!r} has no k = 1 row: pass --k_min and --k_max")
-  ok = [k for k, v in by_k.items() if k <= 1.0 and 100 * (by_k[1.0] - v) <= max_drop]
+  ok = [k for k, v in by_k.items() if k <= 1.0 and 100 * (by_k[1.0] - v) <= max_drop + 1e-9]
   return min(ok), 1.0

@@ -36,8 +36,8 @@ class BatchResult:
   outputs: Any
   k: float
   batch_size: int
-  queue_s: float
-  compute_s: float
+  queue_s: float                  # arrival to the start of its batch
+  compute_s: float                # the model call, timed in the worker thread
 
 
 # run(items, bucket, k) -> one output per item, in order (called in the worker thread)
@@ -136,7 +136,7 @@ class Batcher:
       start = self.clock()
       k = self.choose(bucket, len(items), batch[0].arrival, start)
       try:
-        outputs = await loop.run_in_executor(self._pool, self.run, items, bucket, k)
+        outputs, compute = await loop.run_in_executor(self._pool, self._timed, items, bucket, k)
       except Exception as e:  # the model failed: every request of the batch gets the error
         for p in batch:
           if not p.future.done():
@@ -144,7 +144,7 @@ class Batcher:
         continue
       end = self.clock()
       if self.on_batch is not None:
-        self.on_batch(len(items), k, end - start)
+        self.on_batch(len(items), k, compute)
       i = 0
       for p in batch:
         out = outputs[i:i + len(p.items)]
@@ -152,7 +152,13 @@ class Batcher:
         if self.on_done is not None:
           self.on_done(end - p.arrival, end)
         if not p.future.done():
-          p.future.set_result(BatchResult(out, k, len(items), start - p.arrival, end - start))
+          p.future.set_result(BatchResult(out, k, len(items), start - p.arrival, compute))
+
+  def _timed(self, items, bucket, k):
+    """Runs the model in the worker thread; returns its outputs and the seconds it took there."""
+    t0 = self.clock()
+    out = self.run(items, bucket, k)
+    return out, self.clock() - t0
 
   async def drain(self) -> None:
     """Returns once the queue is empty and no batch is running."""

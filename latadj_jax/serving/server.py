@@ -271,9 +271,12 @@ class Service:
 
   async def readyz(self, request: Request) -> Response:
     if self.ready:
-      return JSONResponse({"status": "ready", "ks": list(self.policy.ks),
-                           "startup_seconds": self.startup_seconds,
-                           "latency_table": "measured" if self.table_measured else "loaded"})
+      body = {"status": "ready", "ks": list(self.policy.ks), "startup_seconds": self.startup_seconds,
+              "latency_table": "measured" if self.table_measured else "loaded"}
+      stats = getattr(getattr(self.model, "cache", None), "stats", None)
+      if stats is not None:
+        body["executables"] = {"compiled": stats.misses - stats.disk_hits, "loaded": stats.disk_hits}
+      return JSONResponse(body)
     body = {"status": "failed" if self.error else "warming up"}
     if self.error:
       body["error"] = self.error
