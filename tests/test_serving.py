@@ -73,36 +73,55 @@ def test_feed_forward_picks_the_highest_k_that_fits_the_oldest_slack():
     policy.KPolicy(fake_table(), slo_ms=100, k_min=0.3, k_max=0.5)
 
 
-def test_feedback_is_aimd_with_hysteresis():
-  fb = policy.Feedback(slo_ms=100, window_s=2.0, interval_s=0.5)
+def test_feedback_is_aimd_on_a_k_cap_with_hysteresis():
+  fb = policy.Feedback(slo_ms=100, steps=4, window_s=1.0, interval_s=0.5, high=0.8, low=0.5)
   for i in range(100):
-    fb.observe(150.0, now=i * 0.001)          # p99 over the SLO
-  assert fb.update(now=0.1) == pytest.approx(1.25)
-  assert fb.update(now=0.3) == pytest.approx(1.25)   # within the interval: held
-  assert fb.update(now=0.7) == pytest.approx(1.25 ** 2)
-  for i in range(1000):
-    fb.observe(80.0, now=2.8 + i * 1e-4)    # the old samples leave the window; p99 80: between
-  assert fb.update(now=2.95) == pytest.approx(1.25 ** 2)
-  for i in range(1000):
-    fb.observe(30.0, now=5.0 + i * 1e-4)    # p99 30 < 0.6 x SLO: additive decrease
-  assert fb.update(now=5.2) == pytest.approx(1.25 ** 2 - 0.1)
-  assert fb.update(now=5.8) == pytest.approx(1.25 ** 2 - 0.2)
+    fb.observe(150.0, now=i * 0.001)          # p99 over the SLO: two steps down
+  assert fb.update(now=0.1) == 2
+  assert fb.update(now=0.3) == 2              # within the interval: held
+  assert fb.update(now=0.7) == 4
+  assert fb.update(now=1.3) == 4              # at the floor
+  for i in range(100):
+    fb.observe(85.0, now=2.0 + i * 1e-3)      # over 0.8 x SLO: one step (already at the floor)
+  fb.cap = 1
+  assert fb.update(now=2.2) == 2
+  for i in range(100):
+    fb.observe(70.0, now=3.5 + i * 1e-3)      # between 0.5 and 0.8 x SLO: held
+  assert fb.update(now=3.7) == 2
+  for i in range(100):
+    fb.observe(30.0, now=5.0 + i * 1e-3)      # under 0.5 x SLO: one step up per interval
+  assert fb.update(now=5.2) == 1
+  assert fb.update(now=5.8) == 0
+  assert fb.update(now=6.4) == 0
 
 
-def test_margin_lowers_k_and_recovers():
+def test_feedback_cap_and_measured_margin_lower_k_and_it_recovers():
   p = policy.KPolicy(fake_table(), slo_ms=100, k_min=0.6, k_max=1.0,
-                     feedback=policy.Feedback(slo_ms=100, interval_s=0.0))
+                     feedback=policy.Feedback(slo_ms=100, steps=2, interval_s=0.0))
   assert p.choose(16, 4, 0.0, 0.0) == 1.0     # 40 ms fits 100
   for _ in range(10):
     p.observe(500.0, now=0.0)
-  for t in range(6):                           # margin 1.25^6, capped at 3: 40 x 3 > 100 >= 32 x 3
-    p.choose(16, 4, t * 0.01, t * 0.01)
-  assert p.feedback.margin == 3.0 and p.choose(16, 4, 0.06, 0.06) == 0.8
+  assert p.choose(16, 4, 0.01, 0.01) == 0.6 and p.k_cap == 0.6   # capped, though 1.0 would fit
   for i in range(100):
     p.observe(10.0, now=10.0 + i * 1e-3)
-  for t in range(80):
-    k = p.choose(16, 4, 10.1 + t * 0.01, 10.1 + t * 0.01)
-  assert p.feedback.margin == 1.0 and k == 1.0
+  assert [p.choose(16, 4, t, t) for t in (10.2, 10.3)] == [0.8, 1.0]
+  # Batches that take 3x the table's time: the margin follows, and k = 1 no longer fits.
+  for _ in range(30):
+    p.observe_batch(16, 4, 1.0, 0.120)
+  assert p.margin == pytest.approx(3.0, rel=0.01)
+  assert p.choose(16, 4, 10.4, 10.4) == 0.8   # 40 x 3 > 100 >= 32 x 3
+  fixed = policy.KPolicy(fake_table(), slo_ms=100, k_min=1.0, k_max=1.0, adaptive=False)
+  assert fixed.choose(16, 4, 0.0, 5.0) == 1.0
+
+
+def test_a_queue_behind_the_batch_lowers_k_before_anyone_is_late():
+  p = policy.KPolicy(fake_table(), slo_ms=100, k_min=0.6, k_max=1.0)
+  # bucket 16, batch 4: 40 / 32 / 24 ms. Four more texts wait behind, the oldest since 30 ms ago:
+  # its slack is 70 ms; k = 1 takes 40 + 40, k = 0.8 32 + 32.
+  assert p.choose(16, 4, 0.0, 0.0) == 1.0
+  assert p.choose(16, 4, 0.0, 0.0, next_arrival=-0.030, next_batch=4) == 0.8
+  assert p.choose(16, 4, 0.0, 0.0, next_arrival=-0.050, next_batch=4) == 0.6
+  assert p.choose(16, 4, 0.0, 0.0, next_arrival=0.0, next_batch=64) == 1.0   # clamped to batch 4
 
 
 def test_percentile_nearest_rank():
@@ -126,7 +145,7 @@ def test_batcher_respects_max_batch_size_and_keeps_requests_whole():
     return [x * 10 for x in items]
 
   async def main():
-    b = batcher_lib.Batcher(run, lambda bucket, n, oldest, now: 0.9, max_batch_size=4,
+    b = batcher_lib.Batcher(run, lambda bucket, n, oldest, now, nxt, nxt_n: 0.9, max_batch_size=4,
                             max_queue_delay_ms=20, max_queue=64).start()
     reqs = [[1], [2, 3], [4, 5, 6], [7], [8, 9]]
     out = await asyncio.gather(*(b.submit(r, bucket=16 + 16 * (i == 2)) for i, r in enumerate(reqs)))

@@ -42,8 +42,9 @@ class BatchResult:
 
 # run(items, bucket, k) -> one output per item, in order (called in the worker thread)
 RunFn = Callable[[list, int, float], Sequence[Any]]
-# choose(bucket, batch size, oldest arrival, now) -> k
-ChooseFn = Callable[[int, int, float, float], float]
+# choose(bucket, batch size, oldest arrival, now, arrival of the next queued request or None,
+#        texts queued behind the batch, at most a batch) -> k
+ChooseFn = Callable[[int, int, float, float, "float | None", int], float]
 
 
 class Batcher:
@@ -52,7 +53,7 @@ class Batcher:
   def __init__(self, run: RunFn, choose: ChooseFn, *, max_batch_size: int = 16,
                max_queue_delay_ms: float = 5.0, max_queue: int = 256,
                clock: Callable[[], float] = time.monotonic,
-               on_batch: Callable[[int, float, float], None] | None = None,
+               on_batch: Callable[[int, int, float, float], None] | None = None,
                on_done: Callable[[float, float], None] | None = None):
     if max_batch_size < 1 or max_queue < max_batch_size or max_queue_delay_ms < 0:
       raise ValueError(f"need max_batch_size >= 1, max_queue >= max_batch_size and "
@@ -134,17 +135,19 @@ class Batcher:
       items = [x for p in batch for x in p.items]
       bucket = max(p.bucket for p in batch)
       start = self.clock()
-      k = self.choose(bucket, len(items), batch[0].arrival, start)
+      behind = self._queue[0].arrival if self._queue else None
       try:
+        k = self.choose(bucket, len(items), batch[0].arrival, start, behind,
+                        min(self._queued_items, self.max_batch_size))
         outputs, compute = await loop.run_in_executor(self._pool, self._timed, items, bucket, k)
-      except Exception as e:  # the model failed: every request of the batch gets the error
+      except Exception as e:  # the policy or model failed: the batch's requests get the error
         for p in batch:
           if not p.future.done():
             p.future.set_exception(e)
         continue
       end = self.clock()
       if self.on_batch is not None:
-        self.on_batch(len(items), k, compute)
+        self.on_batch(bucket, len(items), k, compute)
       i = 0
       for p in batch:
         out = outputs[i:i + len(p.items)]

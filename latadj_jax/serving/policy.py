@@ -5,11 +5,12 @@
 * Feed-forward (SuperServe-style): each batch gets the highest k whose
   predicted time, times the feedback's ``margin``, fits the **oldest** request's
   remaining slack (SLO minus the time it has already waited).
-* Feedback (Clipper's AIMD, on a safety margin instead of the batch size):
+* Feedback (Clipper's AIMD, on a cap over k instead of the batch size):
   every ``interval_s`` the windowed p99 of end-to-end latency is compared with
-  the SLO. Above it the margin grows multiplicatively (lower k sooner); below
-  ``low_water`` x SLO it shrinks additively towards 1; in between it holds, so
-  k does not flap.
+  the SLO: over it the cap drops two grid steps, over 0.7 x SLO one; under
+  0.4 x SLO it rises one step; in between it holds, so k does not flap.
+* The predictions are corrected online by the running ratio of measured to
+  tabled model time (``margin``).
 
 Everything takes the time from the caller (``now``), so tests drive it with a
 fake clock.
@@ -102,11 +103,19 @@ class LatencyTable:
 
 
 def choose_k(table: LatencyTable, ks: Sequence[float], bucket: int, batch: int, slack_ms: float,
-             margin: float = 1.0) -> float:
-  """Returns the highest of ``ks`` whose predicted time x ``margin`` fits ``slack_ms`` (else the lowest)."""
+             margin: float = 1.0, next_batch: int = 0, next_slack_ms: float = math.inf) -> float:
+  """Returns the highest of ``ks`` whose predicted time x ``margin`` fits ``slack_ms`` (else the lowest).
+
+  With ``next_batch`` texts still queued behind this batch, the k must also let
+  the next batch (at the same k) finish within its oldest request's slack,
+  ``next_slack_ms``: a queue that is building lowers k before it is late.
+  """
   ordered = sorted(ks, reverse=True)
+  largest = max(table.batch_sizes(bucket))
   for k in ordered:
-    if table.predict(bucket, batch, k) * margin <= slack_ms:
+    t = table.predict(bucket, batch, k) * margin
+    after = t + table.predict(bucket, min(next_batch, largest), k) * margin if next_batch else t
+    if t <= slack_ms and after <= next_slack_ms:
       return k
   return ordered[-1]
 
@@ -121,15 +130,20 @@ def percentile(values: Iterable[float], q: float) -> float:
 
 @dataclasses.dataclass
 class Feedback:
-  """AIMD on the safety margin from the windowed p99 of end-to-end latency, with hysteresis."""
+  """Clipper-style AIMD on a cap over k, from the windowed p99 of end-to-end latency.
+
+  Every ``interval_s``: a p99 over the SLO lowers the cap two grid steps (the
+  multiplicative cut), a p99 over ``high`` x SLO one step; a p99 under ``low``
+  x SLO raises it one step; in between it holds (the hysteresis band), so k
+  does not flap. ``cap`` indexes the policy's k grid, highest k first.
+  """
   slo_ms: float
-  window_s: float = 2.0
-  interval_s: float = 0.5
-  low_water: float = 0.6         # below low_water x SLO the margin shrinks; between, it holds
-  increase: float = 1.25         # multiplicative step up when p99 > SLO
-  decrease: float = 0.1          # additive step down
-  max_margin: float = 3.0
-  margin: float = 1.0
+  steps: int                     # grid points below k_max
+  window_s: float = 1.0
+  interval_s: float = 0.25
+  high: float = 0.7
+  low: float = 0.4
+  cap: int = 0
   _samples: collections.deque = dataclasses.field(default_factory=collections.deque)
   _last_update: float = -math.inf
 
@@ -142,27 +156,32 @@ class Feedback:
       self._samples.popleft()
     return percentile((ms for _, ms in self._samples), 99)
 
-  def update(self, now: float) -> float:
-    """Returns the margin, first adjusting it if ``interval_s`` has passed since the last change."""
+  def update(self, now: float) -> int:
+    """Returns the cap, first adjusting it if ``interval_s`` has passed since the last change."""
     if now - self._last_update < self.interval_s:
-      return self.margin
+      return self.cap
     p99 = self.p99(now)
     if math.isnan(p99):
-      return self.margin
+      return self.cap
     self._last_update = now
     if p99 > self.slo_ms:
-      self.margin = min(self.max_margin, self.margin * self.increase)
-    elif p99 < self.low_water * self.slo_ms:
-      self.margin = max(1.0, self.margin - self.decrease)
-    return self.margin
+      self.cap = min(self.steps, self.cap + 2)
+    elif p99 > self.high * self.slo_ms:
+      self.cap = min(self.steps, self.cap + 1)
+    elif p99 < self.low * self.slo_ms:
+      self.cap = max(0, self.cap - 1)
+    return self.cap
 
 
 @dataclasses.dataclass
 class KPolicy:
   """Chooses k for each batch: fixed (``adaptive=False``: always ``k_max``) or adaptive.
 
-  ``overhead_ms`` is added to each prediction: the time a request spends
-  outside the model (HTTP, JSON, tokenizing), measured or set by the caller.
+  Adaptive: the highest k, at most the feedback's cap, whose predicted time
+  fits the oldest request's slack. Predictions are the latency table's times
+  x ``margin``, the running ratio of measured to tabled model time (a table
+  timed on an idle machine is optimistic under load). ``overhead_ms`` is
+  reserved from the slack for the time a request spends outside the model.
   """
   table: LatencyTable
   slo_ms: float
@@ -171,6 +190,8 @@ class KPolicy:
   adaptive: bool = True
   overhead_ms: float = 0.0
   feedback: Feedback | None = None
+  margin: float = 1.0
+  smoothing: float = 0.2          # weight of the newest batch in the margin
 
   def __post_init__(self):
     if self.slo_ms <= 0:
@@ -180,15 +201,30 @@ class KPolicy:
       raise ValueError(f"no k of the latency table {self.table.ks} lies in "
                        f"[k_min={self.k_min}, k_max={self.k_max}]")
     if self.feedback is None:
-      self.feedback = Feedback(self.slo_ms)
+      self.feedback = Feedback(self.slo_ms, steps=len(self.ks) - 1)
 
-  def choose(self, bucket: int, batch: int, oldest_arrival: float, now: float) -> float:
-    """Returns the k of a batch of ``batch`` requests whose oldest arrived at ``oldest_arrival``."""
+  @property
+  def k_cap(self) -> float:
+    return self.ks[self.feedback.cap]
+
+  def choose(self, bucket: int, batch: int, oldest_arrival: float, now: float,
+             next_arrival: float | None = None, next_batch: int = 0) -> float:
+    """Returns the k of a batch of ``batch`` texts whose oldest request arrived at ``oldest_arrival``;
+    ``next_batch`` texts wait behind it, the oldest since ``next_arrival``."""
     if not self.adaptive:
-      return max(self.ks)
-    margin = self.feedback.update(now)
-    slack = self.slo_ms - 1e3 * (now - oldest_arrival) - self.overhead_ms
-    return choose_k(self.table, self.ks, bucket, batch, slack, margin)
+      return self.ks[0]
+    cap = self.feedback.update(now)
+    slack = lambda arrival: self.slo_ms - 1e3 * (now - arrival) - self.overhead_ms
+    next_slack = slack(next_arrival) if next_arrival is not None else math.inf
+    return choose_k(self.table, self.ks[cap:], bucket, batch, slack(oldest_arrival), self.margin,
+                    next_batch, next_slack)
 
   def observe(self, latency_ms: float, now: float) -> None:
+    """Records a request's end-to-end latency for the feedback."""
     self.feedback.observe(latency_ms, now)
+
+  def observe_batch(self, bucket: int, batch: int, k: float, seconds: float) -> None:
+    """Updates the margin from one batch's measured model time."""
+    ratio = 1e3 * seconds / self.table.predict(bucket, batch, k)
+    ratio = min(4.0, max(0.5, ratio))
+    self.margin += self.smoothing * (ratio - self.margin)

@@ -40,7 +40,7 @@ from latadj_jax.serving import policy as policy_lib
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
                      0.5, 1.0, 2.0, 5.0)
 METRIC_NAMES = ("latadj_requests_total", "latadj_request_seconds", "latadj_batch_size",
-                "latadj_k", "latadj_k_current", "latadj_margin", "latadj_queue_depth",
+                "latadj_k", "latadj_k_current", "latadj_k_cap", "latadj_margin", "latadj_queue_depth",
                 "latadj_ready", "latadj_startup_seconds")
 
 
@@ -91,7 +91,9 @@ class Metrics:
     edges = sorted({round(k + 1e-6, 6) for k in ks})
     self.k = prom.Histogram("latadj_k", "k served, per request", buckets=edges, registry=r)
     self.k_current = prom.Gauge("latadj_k_current", "k of the latest batch", registry=r)
-    self.margin = prom.Gauge("latadj_margin", "Feedback safety margin on predicted times", registry=r)
+    self.k_cap = prom.Gauge("latadj_k_cap", "Highest k the p99 feedback allows now", registry=r)
+    self.margin = prom.Gauge("latadj_margin", "Measured / tabled model time (running ratio)",
+                             registry=r)
     self.queue_depth = prom.Gauge("latadj_queue_depth", "Texts waiting for a batch", registry=r)
     self.ready = prom.Gauge("latadj_ready", "1 once every executable is warm", registry=r)
     self.startup = prom.Gauge("latadj_startup_seconds", "Seconds from start to ready", registry=r)
@@ -161,13 +163,17 @@ class Service:
   def _run(self, items, bucket: int, k: float) -> np.ndarray:
     return self.model.run(items, bucket, k)
 
-  def _choose(self, bucket: int, n: int, oldest: float, now: float) -> float:
-    k = self.policy.choose(bucket, n, oldest, now)
-    self.metrics.margin.set(self.policy.feedback.margin)
+  def _choose(self, bucket: int, n: int, oldest: float, now: float, next_arrival: float | None,
+              next_n: int) -> float:
+    k = self.policy.choose(bucket, n, oldest, now, next_arrival, next_n)
+    self.metrics.margin.set(self.policy.margin)
+    self.metrics.k_cap.set(self.policy.k_cap)
     self.metrics.queue_depth.set(self.batcher.depth if self.batcher else 0)
     return k
 
-  def _on_batch(self, n: int, k: float, seconds: float) -> None:
+  def _on_batch(self, bucket: int, n: int, k: float, seconds: float) -> None:
+    if self.policy.adaptive:
+      self.policy.observe_batch(bucket, n, k, seconds)
     self.metrics.batch_size.observe(n)
     self.metrics.k_current.set(k)
 
