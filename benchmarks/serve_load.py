@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -272,7 +273,7 @@ def follow_time(series, step_at: float, before: float, after: float, window: flo
 
 def experiment(args) -> dict:
   texts, labels = load_dev(Path(args.data))
-  logs = Path(args.out).with_suffix(".logs")
+  logs = Path(args.logs)
   logs.mkdir(parents=True, exist_ok=True)
   common = [f"--max_batch_size={args.max_batch_size}", f"--max_queue_delay_ms={args.max_queue_delay_ms}",
             f"--max_queue={args.max_queue}"]
@@ -394,6 +395,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   e.add_argument("--c1_start", type=float, default=20.0, help="first rate of the C1 search")
   e.add_argument("--step_s", type=float, default=10.0, help="seconds per phase of the step trace")
   e.add_argument("--data", default=str(SST2_DEV))
+  e.add_argument("--logs", default=str(Path(tempfile.gettempdir()) / "serve_load_logs"),
+                 help="the servers' logs (outside the repo)")
   e.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
   return p.parse_args(argv)
 
