@@ -424,6 +424,18 @@ def test_full_queue_answers_503_with_retry_after(live_server):
              for r in results if r[0] == 503)
 
 
+def test_a_failing_model_call_is_a_500_and_the_next_request_is_served(live_server):
+  port, service, gate = live_server
+  gate.set()
+  wait_ready(port)
+  run = service.model.run
+  service.model.run = lambda items, bucket, k: 1 / 0
+  status, body, _ = call(port, "POST", "/v1/classify", {"texts": ["good"]})
+  assert status == 500 and "ZeroDivisionError" in body["error"]
+  service.model.run = run
+  assert call(port, "POST", "/v1/classify", {"texts": ["good"]})[0] == 200
+
+
 def test_metrics_names_and_counts(live_server):
   port, _, gate = live_server
   gate.set()

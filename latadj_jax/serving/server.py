@@ -251,6 +251,9 @@ class Service:
       result = await self.batcher.submit(items, self.model.bucket_of(items), arrival)
     except batcher_lib.QueueFull as e:
       return self._busy(f"{e}; retry after {self.config.retry_after_s} s")
+    except Exception as e:  # the model call failed; the server keeps serving
+      traceback.print_exc()
+      return self._answer(500, {"error": f"the model failed on this batch: {type(e).__name__}: {e}"})
     done = self.clock()
     m = self.metrics
     m.latency.labels("queue").observe(result.queue_s)
