@@ -3,7 +3,6 @@
     python eval.py --workdir=DIR --coeff 0.9
     python eval.py --workdir=DIR --coeff 0.8,0.85,0.9,1.0,1.2
     python eval.py --workdir=DIR --speedup 2.5            # per bucket, the largest k reaching 2.5x (eq. 7)
-    python eval.py --workdir=DIR --coeff 0.8,1.0 --dtype bfloat16  # a float32 run, evaluated in bf16
     python eval.py --workdir=DIR --calibrate --batch_size 8   # time a grid of schedules on this device
     python eval.py --workdir=DIR --latency_ms 20 --batch_size 8  # the least elimination within 20 ms
     python eval.py --workdir=LM_DIR --coeff 0.8,0.9,1.0 [--lambada=FILE.jsonl]  # an LM: perplexity
@@ -44,8 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--profile", default="", help="'flat', 'step<layer>@<keep>' or 'v1,v2,...' to override the stored profile")
   p.add_argument("--cache_dir", default="", help="persistent compilation cache (default WORKDIR/xla_cache)")
   p.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"),
-                 help="evaluate in this dtype (activations and parameters) instead of the run's; "
-                      "results go to eval_results_<dtype>.json")
+                 help="evaluate in this dtype instead of the run's (-> eval_results_<dtype>.json)")
   p.add_argument("--repeats", type=int, default=10, help="timed runs per coeff (median)")
   p.add_argument("--lambada", default="", help="language models: a JSONL of {\"text\": ...} passages "
                  "(or a hub id) for last-word accuracy and perplexity")
@@ -58,8 +56,7 @@ def parse_config_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--coeff", default=None, help="k, or a comma list (default: the config's coeffs)")
   p.add_argument("--out", default="", help="results dir (default: --config.workdir, else workdirs/NAME)")
   p.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"),
-                 help="evaluate in this dtype (activations and parameters) instead of the run's; "
-                      "results go to eval_results_<dtype>.json")
+                 help="evaluate in this dtype instead of the run's (-> eval_results_<dtype>.json)")
   p.add_argument("--repeats", type=int, default=0, help="timed runs per schedule (default: config's)")
   return p.parse_args(argv)
 
