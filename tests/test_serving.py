@@ -130,6 +130,28 @@ def test_percentile_nearest_rank():
   assert math.isnan(policy.percentile([], 99))
 
 
+def test_c1_search_finds_capacity_and_a_single_stalled_probe_does_not_lower_it():
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import serve_load
+
+  def fake_server(capacity, stalls):
+    def measure_at(rate, seed):
+      stalled = stalls.count(rate) > 0
+      if stalled:
+        stalls.remove(rate)
+      p99 = 400.0 if stalled or rate > capacity else 50.0
+      return {"rate": rate, "p99_ms": p99, "slo_attainment": 1.0 if p99 <= 100 else 0.7,
+              "sent": 10, "statuses": {"200": 10}}
+    return measure_at
+
+  c1, tried = serve_load.find_c1(fake_server(80.0, []), 100.0, start=20.0)
+  assert 67.5 <= c1 <= 80.0                      # 20, 30, 45, 67.5 fit, 101.25 misses; bisected twice
+  assert [r["rate"] for r in tried].count(101.25) == 2   # a miss is confirmed by a repeat
+  c1_stalled, tried = serve_load.find_c1(fake_server(80.0, [45.0]), 100.0, start=20.0)
+  assert c1_stalled == c1 and [r["rate"] for r in tried].count(45.0) == 2
+  assert serve_load.find_c1(fake_server(80.0, [45.0, 45.0]), 100.0, start=20.0)[0] == 41.25  # 45 missed twice
+
+
 # --- the batcher ---------------------------------------------------------------------------------
 
 def run_async(coro):
