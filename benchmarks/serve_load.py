@@ -121,7 +121,8 @@ async def _drive(port: int, offsets: np.ndarray, texts: list[str], timeout: floa
     done = loop.time()
     records[i] = {"i": i, "intended": intended - t0, "sent_late": sent - intended,
                   "latency": done - intended, "status": status, "k": reply.get("k"),
-                  "label": (reply.get("labels") or [None])[0], "done": done - t0}
+                  "label": (reply.get("labels") or [None])[0], "done": done - t0,
+                  **{f: reply.get(f) for f in ("batch_size", "queue_ms", "compute_ms")}}
 
   tasks = []
   for i, off in enumerate(offsets):
@@ -227,6 +228,16 @@ def measure(port, rate, duration, texts, labels, slo_ms, kind="poisson", seed=0)
           **summarize(records, labels, slo_ms, duration), "generator": cost}
 
 
+def median_row(rows: list[dict]) -> dict:
+  """Returns the median over repeated runs of each headline figure, and the worst attainment."""
+  keys = ("slo_attainment", "goodput_rps", "effective_accuracy", "accuracy_of_answered", "mean_k",
+          "p50_ms", "p99_ms")
+  return {**{k: float(np.median([r[k] for r in rows])) for k in keys},
+          "min_slo_attainment": min(r["slo_attainment"] for r in rows),
+          "sent": sum(r["sent"] for r in rows), "lost": sum(r["lost"] for r in rows),
+          "generator_cores": max(r["generator"]["cores_used"] for r in rows)}
+
+
 def find_c1(measure_at, slo_ms: float, start: float = 10.0) -> tuple[float, list[dict]]:
   """Returns the highest rate at which this server keeps p99 <= SLO (and every request answered 200),
   searching up by 1.5x from ``start``, then bisecting twice. ``measure_at(rate, seed)``
@@ -295,7 +306,8 @@ def experiment(args) -> dict:
             "workdir": args.workdir, "slo_ms": args.slo_ms, "k_min": args.k_min,
             "settings": {"max_batch_size": args.max_batch_size,
                          "max_queue_delay_ms": args.max_queue_delay_ms, "max_queue": args.max_queue,
-                         "duration_s": args.duration, "arrivals": "poisson", "texts": str(args.data)}}
+                         "duration_s": args.duration, "repeats": args.repeats, "arrivals": "poisson",
+                         "texts": str(args.data)}}
   modes = {"fixed k=1": ["--fixed_k=1.0"], f"fixed k_min={args.k_min:g}": [f"--fixed_k={args.k_min}"],
            "adaptive": [f"--k_min={args.k_min}", "--k_max=1.0", f"--k_points={args.k_points}"]}
 
@@ -321,20 +333,29 @@ def experiment(args) -> dict:
   result["c1_rps"], result["c1_search"] = c1, tried
   print(f"C1 = {c1:.1f} req/s", file=sys.stderr, flush=True)
 
+  # Every mode in its own server, all three up at once; each load point is run ``repeats`` times,
+  # the modes in rotating order with the same arrivals, so a stall of the shared machine lands on
+  # one run of one mode and the medians compare the modes on equal terms.
   loads = [float(x) for x in args.loads.split(",")]
-  result["runs"] = {}
-  for name, flags in modes.items():
-    s = Server(args.workdir, args.slo_ms, *flags, *common, log=logs / f"{name.replace(' ', '_')}.log")
-    rows = []
+  servers = {name: Server(args.workdir, args.slo_ms, *flags, *common,
+                          log=logs / f"{name.replace(' ', '_')}.log") for name, flags in modes.items()}
+  raw = {name: [[] for _ in loads] for name in modes}
+  names = list(modes)
+  for rep in range(args.repeats):
     for j, mult in enumerate(loads):
-      row = measure(s.port, mult * c1, args.duration, texts, labels, args.slo_ms, seed=100 + j)
-      rows.append({"load_x_c1": mult, **row})
-      print(f"{name} at {mult} x C1: attainment {row['slo_attainment']:.3f}, goodput "
-            f"{row['goodput_rps']:.1f}/s, eff. acc {row['effective_accuracy']:.3f}, mean k "
-            f"{row['mean_k']:.3f}, p99 {row['p99_ms']:.0f} ms, {row['statuses']}",
-            file=sys.stderr, flush=True)
-    result["runs"][name] = rows
+      for m in range(len(names)):
+        name = names[(m + rep + j) % len(names)]
+        row = measure(servers[name].port, mult * c1, args.duration, texts, labels, args.slo_ms,
+                      seed=100 + 10 * j + rep)
+        raw[name][j].append(row)
+        print(f"{name} at {mult} x C1 (run {rep + 1}): attainment {row['slo_attainment']:.3f}, "
+              f"goodput {row['goodput_rps']:.1f}/s, eff. acc {row['effective_accuracy']:.3f}, mean k "
+              f"{row['mean_k']:.3f}, p99 {row['p99_ms']:.0f} ms, {row['statuses']}",
+              file=sys.stderr, flush=True)
+  for s in servers.values():
     s.stop()
+  result["runs"] = {name: [{"load_x_c1": mult, "rate": mult * c1, **median_row(rows), "repeats": rows}
+                           for mult, rows in zip(loads, raw[name])] for name in modes}
 
   # Step trace: 0.5 -> 2 -> 0.5 x C1, adaptive.
   s = Server(args.workdir, args.slo_ms, *modes["adaptive"], *common, log=logs / "step.log")
@@ -378,7 +399,8 @@ def plot(result: dict, path: Path) -> None:
   axes[2].plot(t, [p[1] for p in step["k_series"]], "-", color="C2", label="mean k served")
   ax2 = axes[2].twinx()
   ax2.plot(t, [p[2] / 0.25 for p in step["k_series"]], color="0.6", lw=.8, label="sent req/s")
-  axes[2].set(xlabel="time (s)", ylabel="k", title="step trace 0.5 -> 2 -> 0.5 x C1 (adaptive)")
+  axes[2].set(xlabel="time (s)", ylabel="k", title="step trace 0.5 -> 2 -> 0.5 x C1 (adaptive)",
+              ylim=(result["k_min"] - 0.05, 1.02))   # the whole range k may take
   ax2.set_ylabel("offered req/s")
   axes[2].legend(loc="lower left")
   fig.tight_layout()
@@ -404,7 +426,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   e.add_argument("--max_queue_delay_ms", type=float, default=5.0)
   e.add_argument("--max_queue", type=int, default=256)
   e.add_argument("--loads", default="0.5,1,1.5,2,3", help="offered loads, x C1")
-  e.add_argument("--duration", type=float, default=20.0, help="seconds per load point")
+  e.add_argument("--duration", type=float, default=10.0, help="seconds per run of a load point")
+  e.add_argument("--repeats", type=int, default=3, help="runs per (mode, load), interleaved")
   e.add_argument("--search_duration", type=float, default=10.0, help="seconds per C1 probe")
   e.add_argument("--c1_start", type=float, default=20.0, help="first rate of the C1 search")
   e.add_argument("--step_s", type=float, default=10.0, help="seconds per phase of the step trace")

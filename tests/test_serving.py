@@ -184,6 +184,28 @@ def test_batcher_respects_max_batch_size_and_keeps_requests_whole():
   assert all(o.k == 0.9 and o.batch_size <= 4 for o in out)
 
 
+def test_batcher_feeds_the_policy_latency_in_ms_so_late_batches_lower_k():
+  # The table promises 1 ms for every k, so only the p99 feedback can lower k: a model call of
+  # 150 ms puts every request over the 100 ms SLO, and the next batch must run at a lower k.
+  table = policy.LatencyTable({16: {1: {1.0: 1.0, 0.8: 1.0, 0.6: 1.0}}})
+  p = policy.KPolicy(table, slo_ms=100, k_min=0.6, k_max=1.0,
+                     feedback=policy.Feedback(slo_ms=100, steps=2, interval_s=0.0))
+
+  def run(items, bucket, k):
+    time.sleep(0.15)
+    return list(items)
+
+  async def main():
+    b = batcher_lib.Batcher(run, p.choose, max_batch_size=1, max_queue_delay_ms=0, max_queue=8,
+                            on_done=p.observe).start()
+    out = [await b.submit([i], 16) for i in range(2)]
+    await b.stop()
+    return out
+
+  first, second = run_async(main())
+  assert first.k == 1.0 and second.k == 0.6 and p.k_cap == 0.6
+
+
 def test_batcher_waits_at_most_max_queue_delay_for_a_fuller_batch():
   async def main():
     b = batcher_lib.Batcher(lambda items, bucket, k: list(items), lambda *a: 1.0,

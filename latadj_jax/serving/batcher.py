@@ -55,6 +55,8 @@ class Batcher:
                clock: Callable[[], float] = time.monotonic,
                on_batch: Callable[[int, int, float, float], None] | None = None,
                on_done: Callable[[float, float], None] | None = None):
+    """``on_batch(bucket, texts, k, model seconds)`` follows each batch; ``on_done(end-to-end ms,
+    now)`` each request."""
     if max_batch_size < 1 or max_queue < max_batch_size or max_queue_delay_ms < 0:
       raise ValueError(f"need max_batch_size >= 1, max_queue >= max_batch_size and "
                        f"max_queue_delay_ms >= 0; got {max_batch_size}, {max_queue}, "
@@ -153,7 +155,7 @@ class Batcher:
         out = outputs[i:i + len(p.items)]
         i += len(p.items)
         if self.on_done is not None:
-          self.on_done(end - p.arrival, end)
+          self.on_done(1e3 * (end - p.arrival), end)
         if not p.future.done():
           p.future.set_result(BatchResult(out, k, len(items), start - p.arrival, compute))
 
