@@ -162,6 +162,7 @@ def summarize(records: list[dict], labels: np.ndarray, slo_ms: float, duration: 
           "accuracy_of_answered": (sum(r["label"] == labels[r["i"] % len(labels)] for r in ok) / len(ok)
                                    if ok else math.nan),
           "mean_k": float(np.mean([r["k"] for r in ok])) if ok else math.nan,
+          "share_k1": sum(r["k"] >= 1.0 - 1e-9 for r in ok) / len(ok) if ok else math.nan,
           "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
           "max_sent_late_ms": 1e3 * max((r["sent_late"] for r in records), default=0.0),
           "lost": sum(r["status"] not in (200, 503) for r in records)}
@@ -231,7 +232,7 @@ def measure(port, rate, duration, texts, labels, slo_ms, kind="poisson", seed=0)
 def median_row(rows: list[dict]) -> dict:
   """Returns the median over repeated runs of each headline figure, and the worst attainment."""
   keys = ("slo_attainment", "goodput_rps", "effective_accuracy", "accuracy_of_answered", "mean_k",
-          "p50_ms", "p99_ms")
+          "share_k1", "p50_ms", "p99_ms")
   return {**{k: float(np.median([r[k] for r in rows])) for k in keys},
           "min_slo_attainment": min(r["slo_attainment"] for r in rows),
           "sent": sum(r["sent"] for r in rows), "lost": sum(r["lost"] for r in rows),
