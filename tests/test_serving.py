@@ -136,7 +136,7 @@ def test_c1_search_finds_capacity_and_a_single_stalled_probe_does_not_lower_it()
 
   def fake_server(capacity, stalls):
     def measure_at(rate, seed):
-      stalled = stalls.count(rate) > 0
+      stalled = rate in stalls
       if stalled:
         stalls.remove(rate)
       p99 = 400.0 if stalled or rate > capacity else 50.0
