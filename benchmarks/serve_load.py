@@ -105,10 +105,37 @@ async def post(port: int, body: bytes, timeout: float) -> tuple[int, dict]:
     return status, {}
 
 
-async def _drive(port: int, offsets: np.ndarray, texts: list[str], timeout: float) -> list[dict]:
+async def get_metric(port: int, name: str, timeout: float = 2.0) -> float:
+  """Returns the value of the unlabelled gauge ``name`` from the server's /metrics (NaN if absent)."""
+  reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), timeout)
+  try:
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), timeout)
+  finally:
+    writer.close()
+  for line in raw.decode(errors="replace").splitlines():
+    if line.startswith(name + " "):
+      return float(line.split()[1])
+  return math.nan
+
+
+async def _drive(port: int, offsets: np.ndarray, texts: list[str], timeout: float,
+                 poll: list | None = None, poll_s: float = 0.1) -> list[dict]:
+  """Sends every request at its intended time; with ``poll`` (a list), also appends
+  (time, latadj_k_cap) every ``poll_s`` while the run lasts."""
   records: list[dict] = [{} for _ in offsets]
   loop = asyncio.get_running_loop()
   t0 = loop.time() + 0.05
+  running = True
+
+  async def poller():
+    while running:
+      try:
+        poll.append((loop.time() - t0, await get_metric(port, "latadj_k_cap")))
+      except (OSError, asyncio.TimeoutError, ValueError):
+        pass
+      await asyncio.sleep(poll_s)
 
   async def one(i: int):
     intended = t0 + offsets[i]
@@ -124,6 +151,7 @@ async def _drive(port: int, offsets: np.ndarray, texts: list[str], timeout: floa
                   "label": (reply.get("labels") or [None])[0], "done": done - t0,
                   **{f: reply.get(f) for f in ("batch_size", "queue_ms", "compute_ms")}}
 
+  polling = asyncio.ensure_future(poller()) if poll is not None else None
   tasks = []
   for i, off in enumerate(offsets):
     delay = t0 + off - loop.time()
@@ -131,15 +159,19 @@ async def _drive(port: int, offsets: np.ndarray, texts: list[str], timeout: floa
       await asyncio.sleep(delay)
     tasks.append(asyncio.ensure_future(one(i)))
   await asyncio.gather(*tasks)
+  running = False
+  if polling is not None:
+    await polling
   return records
 
 
-def run_load(port: int, offsets: np.ndarray, texts: list[str], timeout: float = 10.0) -> tuple[list[dict], dict]:
+def run_load(port: int, offsets: np.ndarray, texts: list[str], timeout: float = 10.0,
+             poll: list | None = None) -> tuple[list[dict], dict]:
   """Sends one request per offset; returns the records and the generator's own cost."""
   if len(offsets) > MAX_REQUESTS or (len(offsets) and offsets[-1] > MAX_SECONDS):
     raise ValueError(f"a run is bounded to {MAX_REQUESTS} requests and {MAX_SECONDS} s")
   r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-  records = asyncio.run(_drive(port, offsets, texts, timeout))
+  records = asyncio.run(_drive(port, offsets, texts, timeout, poll))
   r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - w0
   cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
   return records, {"wall_s": wall, "cpu_s": cpu, "cores_used": cpu / wall}
@@ -296,6 +328,12 @@ def follow_time(series, step_at: float, before: float, after: float, window: flo
   return math.inf
 
 
+def cap_changes(caps: list[tuple[float, float]]) -> int:
+  """Returns how many times the polled k cap changed (a measure of flapping)."""
+  values = [c for _, c in caps if not math.isnan(c)]
+  return sum(a != b for a, b in zip(values, values[1:]))
+
+
 def experiment(args) -> dict:
   texts, labels = load_dev(Path(args.data))
   logs = Path(args.logs)
@@ -362,7 +400,8 @@ def experiment(args) -> dict:
   s = Server(args.workdir, args.slo_ms, *modes["adaptive"], *common, log=logs / "step.log")
   phases = [(args.step_s, 0.5 * c1), (args.step_s, 2 * c1), (args.step_s, 0.5 * c1)]
   offsets = step_arrivals(phases, seed=7)
-  records, cost = run_load(s.port, offsets, texts)
+  caps: list = []
+  records, cost = run_load(s.port, offsets, texts, poll=caps)
   s.stop()
   series = k_over_time(records)
   low = [k for t, k, _ in series if args.step_s - 3 <= t < args.step_s and not math.isnan(k)]
@@ -372,9 +411,11 @@ def experiment(args) -> dict:
                     "generator": cost, "k_series": series, "k_steady_low_load": k_low,
                     "k_steady_high_load": k_high,
                     "follow_up_s": follow_time(series, args.step_s, k_low, k_high),
-                    "follow_down_s": follow_time(series, 2 * args.step_s, k_high, k_low)}
+                    "follow_down_s": follow_time(series, 2 * args.step_s, k_high, k_low),
+                    "k_cap_series": caps, "k_cap_changes": cap_changes(caps)}
   print(f"step: k {k_low:.3f} -> {k_high:.3f}, follows in {result['step']['follow_up_s']:.2f} s up "
-        f"and {result['step']['follow_down_s']:.2f} s down; statuses {result['step']['statuses']}",
+        f"and {result['step']['follow_down_s']:.2f} s down; k cap changed "
+        f"{result['step']['k_cap_changes']} times; statuses {result['step']['statuses']}",
         file=sys.stderr, flush=True)
   return result
 
@@ -397,7 +438,10 @@ def plot(result: dict, path: Path) -> None:
     ax.legend()
   step = result["step"]
   t = [p[0] for p in step["k_series"]]
-  axes[2].plot(t, [p[1] for p in step["k_series"]], "-", color="C2", label="mean k served")
+  axes[2].plot(t, [p[1] for p in step["k_series"]], "-", color="C2", label="mean k served (0.25 s bins)")
+  if step.get("k_cap_series"):
+    axes[2].step([p[0] for p in step["k_cap_series"]], [p[1] for p in step["k_cap_series"]],
+                 where="post", color="C3", lw=1, label="k cap (p99 feedback)")
   ax2 = axes[2].twinx()
   ax2.plot(t, [p[2] / 0.25 for p in step["k_series"]], color="0.6", lw=.8, label="sent req/s")
   axes[2].set(xlabel="time (s)", ylabel="k", title="step trace 0.5 -> 2 -> 0.5 x C1 (adaptive)",

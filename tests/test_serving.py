@@ -74,37 +74,67 @@ def test_feed_forward_picks_the_highest_k_that_fits_the_oldest_slack():
 
 
 def test_feedback_is_aimd_on_a_k_cap_with_hysteresis():
-  fb = policy.Feedback(slo_ms=100, steps=4, window_s=1.0, interval_s=0.5, high=0.8, low=0.5)
+  fb = policy.Feedback(slo_ms=100, steps=4, window_s=1.0, interval_s=0.5, high=0.8, low=0.5,
+                       min_samples=10)
   for i in range(100):
     fb.observe(150.0, now=i * 0.001)          # p99 over the SLO: two steps down
   assert fb.update(now=0.1) == 2
   assert fb.update(now=0.3) == 2              # within the interval: held
-  assert fb.update(now=0.7) == 4
-  assert fb.update(now=1.3) == 4              # at the floor
-  for i in range(100):
-    fb.observe(85.0, now=2.0 + i * 1e-3)      # over 0.8 x SLO: one step (already at the floor)
+  assert fb.update(now=0.7) == 2              # the late requests were answered for: no new samples
+  for i in range(10):
+    fb.observe(150.0, now=0.8 + i * 0.01)     # still late under the new cap: two more
+  assert fb.update(now=1.3) == 4
+  for i in range(10):
+    fb.observe(150.0, now=1.4 + i * 0.01)
+  assert fb.update(now=1.9) == 4              # at the floor
   fb.cap = 1
-  assert fb.update(now=2.2) == 2
+  for i in range(100):
+    fb.observe(85.0, now=2.0 + i * 1e-3)      # over 0.8 x SLO: one step
+  assert fb.update(now=2.5) == 2
   for i in range(100):
     fb.observe(70.0, now=3.5 + i * 1e-3)      # between 0.5 and 0.8 x SLO: held
   assert fb.update(now=3.7) == 2
-  for i in range(100):
-    fb.observe(30.0, now=5.0 + i * 1e-3)      # under 0.5 x SLO: one step up per interval
-  assert fb.update(now=5.2) == 1
-  assert fb.update(now=5.8) == 0
-  assert fb.update(now=6.4) == 0
+  for i in range(9):
+    fb.observe(30.0, now=5.0 + i * 1e-3)      # under 0.5 x SLO, but fewer than min_samples: held
+  assert fb.update(now=5.01) == 2
+  fb.observe(30.0, now=5.02)
+  assert fb.update(now=5.2) == 1              # one step up per interval, on fresh samples
+  assert fb.update(now=5.8) == 1
+  for i in range(10):
+    fb.observe(30.0, now=5.9 + i * 1e-3)
+  assert fb.update(now=6.0) == 0
+  for i in range(10):
+    fb.observe(30.0, now=6.6 + i * 1e-3)
+  assert fb.update(now=6.7) == 0
+
+
+def test_feedback_moves_once_for_one_late_burst_then_recovers_at_light_load():
+  # 40 req/s at 45 ms, one burst of three requests at 180 ms: the cap drops two steps once, not
+  # again while the burst ages out of the 1 s window, then climbs back on the fresh samples.
+  fb = policy.Feedback(slo_ms=100, steps=4)
+  caps = []
+  for i in range(200):
+    now = i * 0.025
+    fb.observe(180.0 if 40 <= i < 43 else 45.0, now)
+    caps.append(fb.update(now))
+  assert max(caps) == 2 and caps.count(2) < 30 and caps[-1] == 0
+  drops = sum(1 for a, b in zip(caps, caps[1:]) if b > a)
+  assert drops == 1
 
 
 def test_feedback_cap_and_measured_margin_lower_k_and_it_recovers():
   p = policy.KPolicy(fake_table(), slo_ms=100, k_min=0.6, k_max=1.0,
-                     feedback=policy.Feedback(slo_ms=100, steps=2, interval_s=0.0))
+                     feedback=policy.Feedback(slo_ms=100, steps=2, interval_s=0.0, min_samples=1))
   assert p.choose(16, 4, 0.0, 0.0) == 1.0     # 40 ms fits 100
   for _ in range(10):
     p.observe(500.0, now=0.0)
   assert p.choose(16, 4, 0.01, 0.01) == 0.6 and p.k_cap == 0.6   # capped, though 1.0 would fit
   for i in range(100):
     p.observe(10.0, now=10.0 + i * 1e-3)
-  assert [p.choose(16, 4, t, t) for t in (10.2, 10.3)] == [0.8, 1.0]
+  assert p.choose(16, 4, 10.2, 10.2) == 0.8   # one step up, and the window starts afresh
+  assert p.choose(16, 4, 10.25, 10.25) == 0.8 # no request served under the new cap yet
+  p.observe(10.0, now=10.26)
+  assert p.choose(16, 4, 10.3, 10.3) == 1.0
   # Batches that take 3x the table's time: the margin follows, and k = 1 no longer fits.
   for _ in range(30):
     p.observe_batch(16, 4, 1.0, 0.120)
@@ -152,6 +182,39 @@ def test_c1_search_finds_capacity_and_a_single_stalled_probe_does_not_lower_it()
   assert serve_load.find_c1(fake_server(80.0, [45.0, 45.0]), 100.0, start=20.0)[0] == 41.25  # 45 missed twice
 
 
+def test_the_generator_polls_the_k_cap_while_it_sends_and_counts_its_changes():
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import serve_load
+  caps = iter([1.0, 1.0, 0.8, 0.8, 1.0] + [1.0] * 1000)
+
+  async def handle(reader, writer):
+    request = await reader.readuntil(b"\r\n\r\n")
+    if request.startswith(b"GET /metrics"):
+      body = (b"# HELP latadj_k_cap cap\nlatadj_k_cap_created 1.7e9\nlatadj_k_cap %.1f\n" % next(caps))
+    else:
+      length = int(request.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+      await reader.readexactly(length)
+      body = json.dumps({"labels": [1], "scores": [0.9], "k": 1.0}).encode()
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    writer.close()
+
+  async def main():
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    polled = []
+    records = await serve_load._drive(port, np.linspace(0, 0.5, 6), ["a"], 2.0, poll=polled, poll_s=0.05)
+    srv.close()
+    return records, polled
+
+  records, polled = run_async(main())
+  assert [r["status"] for r in records] == [200] * 6 and all(r["k"] == 1.0 for r in records)
+  assert len(polled) >= 5 and [c for _, c in polled[:5]] == [1.0, 1.0, 0.8, 0.8, 1.0]
+  assert all(b[0] > a[0] for a, b in zip(polled, polled[1:]))
+  assert serve_load.cap_changes(polled) == 2
+  assert serve_load.cap_changes([(0, 1.0), (1, math.nan), (2, 1.0)]) == 0
+
+
 # --- the batcher ---------------------------------------------------------------------------------
 
 def run_async(coro):
@@ -189,7 +252,7 @@ def test_batcher_feeds_the_policy_latency_in_ms_so_late_batches_lower_k():
   # 150 ms puts every request over the 100 ms SLO, and the next batch must run at a lower k.
   table = policy.LatencyTable({16: {1: {1.0: 1.0, 0.8: 1.0, 0.6: 1.0}}})
   p = policy.KPolicy(table, slo_ms=100, k_min=0.6, k_max=1.0,
-                     feedback=policy.Feedback(slo_ms=100, steps=2, interval_s=0.0))
+                     feedback=policy.Feedback(slo_ms=100, steps=2, interval_s=0.0, min_samples=1))
 
   def run(items, bucket, k):
     time.sleep(0.15)

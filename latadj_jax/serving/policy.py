@@ -7,8 +7,10 @@
   remaining slack (SLO minus the time it has already waited).
 * Feedback (Clipper's AIMD, on a cap over k instead of the batch size):
   every ``interval_s`` the windowed p99 of end-to-end latency is compared with
-  the SLO: over it the cap drops two grid steps, over 0.7 x SLO one; under
-  0.4 x SLO it rises one step; in between it holds, so k does not flap.
+  the SLO: over it the cap drops two grid steps, over 0.85 x SLO one; under
+  0.6 x SLO it rises one step; in between it holds, so k does not flap. Each
+  change empties the window: the next decision waits for ``min_samples``
+  requests served under the new cap, so one late burst moves the cap once.
 * The predictions are corrected online by the running ratio of measured to
   tabled model time (``margin``).
 
@@ -135,14 +137,19 @@ class Feedback:
   Every ``interval_s``: a p99 over the SLO lowers the cap two grid steps (the
   multiplicative cut), a p99 over ``high`` x SLO one step; a p99 under ``low``
   x SLO raises it one step; in between it holds (the hysteresis band), so k
-  does not flap. ``cap`` indexes the policy's k grid, highest k first.
+  does not flap. A change empties the window, and no decision is taken on
+  fewer than ``min_samples`` requests: each decision judges only requests
+  served under the current cap, so a burst that is already answered for does
+  not cut again while it ages out of the window. ``cap`` indexes the policy's
+  k grid, highest k first.
   """
   slo_ms: float
   steps: int                     # grid points below k_max
   window_s: float = 1.0
   interval_s: float = 0.25
-  high: float = 0.7
-  low: float = 0.4
+  high: float = 0.85
+  low: float = 0.6
+  min_samples: int = 16
   cap: int = 0
   _samples: collections.deque = dataclasses.field(default_factory=collections.deque)
   _last_update: float = -math.inf
@@ -152,24 +159,30 @@ class Feedback:
     self._samples.append((now, latency_ms))
 
   def p99(self, now: float) -> float:
+    """Returns the p99 of the window's samples, or NaN when it holds fewer than ``min_samples``."""
     while self._samples and self._samples[0][0] < now - self.window_s:
       self._samples.popleft()
+    if len(self._samples) < max(1, self.min_samples):
+      return math.nan
     return percentile((ms for _, ms in self._samples), 99)
 
   def update(self, now: float) -> int:
-    """Returns the cap, first adjusting it if ``interval_s`` has passed since the last change."""
+    """Returns the cap, first adjusting it if ``interval_s`` has passed since the last decision."""
     if now - self._last_update < self.interval_s:
       return self.cap
     p99 = self.p99(now)
     if math.isnan(p99):
       return self.cap
     self._last_update = now
+    old = self.cap
     if p99 > self.slo_ms:
       self.cap = min(self.steps, self.cap + 2)
     elif p99 > self.high * self.slo_ms:
       self.cap = min(self.steps, self.cap + 1)
     elif p99 < self.low * self.slo_ms:
       self.cap = max(0, self.cap - 1)
+    if self.cap != old:
+      self._samples.clear()
     return self.cap
 
 
