@@ -9,10 +9,11 @@
   every ``interval_s`` the windowed p99 of end-to-end latency is compared with
   the SLO: over it the cap drops two grid steps, over 0.85 x SLO one; under
   0.6 x SLO it rises one step; in between it holds, so k does not flap. Each
-  change empties the window: the next decision waits for ``min_samples``
-  requests served under the new cap, so one late burst moves the cap once.
-* The predictions are corrected online by the running ratio of measured to
-  tabled model time (``margin``).
+  change empties the window: the next cut waits for ``min_samples`` requests
+  served under the new cap, so one late burst moves the cap once; the next
+  raise waits 0.5 s more (cut fast, raise slowly).
+* The predictions are corrected online by the tail (p90 over the last 32
+  batches) of the ratio of measured to tabled model time (``margin``).
 
 Everything takes the time from the caller (``now``), so tests drive it with a
 fake clock.
@@ -140,8 +141,9 @@ class Feedback:
   does not flap. A change empties the window, and no decision is taken on
   fewer than ``min_samples`` requests: each decision judges only requests
   served under the current cap, so a burst that is already answered for does
-  not cut again while it ages out of the window. ``cap`` indexes the policy's
-  k grid, highest k first.
+  not cut again while it ages out of the window. A raise also waits until
+  ``raise_after_s`` has passed since the last change: cuts are fast, raises
+  slow, as in AIMD. ``cap`` indexes the policy's k grid, highest k first.
   """
   slo_ms: float
   steps: int                     # grid points below k_max
@@ -150,9 +152,11 @@ class Feedback:
   high: float = 0.85
   low: float = 0.6
   min_samples: int = 16
+  raise_after_s: float = 0.5
   cap: int = 0
   _samples: collections.deque = dataclasses.field(default_factory=collections.deque)
   _last_update: float = -math.inf
+  _last_change: float = -math.inf
 
   def observe(self, latency_ms: float, now: float) -> None:
     """Records one finished request's end-to-end latency at time ``now`` (seconds)."""
@@ -179,10 +183,11 @@ class Feedback:
       self.cap = min(self.steps, self.cap + 2)
     elif p99 > self.high * self.slo_ms:
       self.cap = min(self.steps, self.cap + 1)
-    elif p99 < self.low * self.slo_ms:
+    elif p99 < self.low * self.slo_ms and now - self._last_change >= self.raise_after_s:
       self.cap = max(0, self.cap - 1)
     if self.cap != old:
       self._samples.clear()
+      self._last_change = now
     return self.cap
 
 
@@ -192,9 +197,12 @@ class KPolicy:
 
   Adaptive: the highest k, at most the feedback's cap, whose predicted time
   fits the oldest request's slack. Predictions are the latency table's times
-  x ``margin``, the running ratio of measured to tabled model time (a table
-  timed on an idle machine is optimistic under load). ``overhead_ms`` is
-  reserved from the slack for the time a request spends outside the model.
+  x ``margin``: the ``margin_q``-th percentile of the ratio of measured to
+  tabled model time over the last ``margin_batches`` batches. A table timed on
+  an idle machine is optimistic under load, and a mean ratio would still be
+  beaten by every slower-than-usual batch; the tail ratio plans for them.
+  ``overhead_ms`` is reserved from the slack for the time a request spends
+  outside the model.
   """
   table: LatencyTable
   slo_ms: float
@@ -204,7 +212,8 @@ class KPolicy:
   overhead_ms: float = 0.0
   feedback: Feedback | None = None
   margin: float = 1.0
-  smoothing: float = 0.2          # weight of the newest batch in the margin
+  margin_q: float = 90.0
+  margin_batches: int = 32
 
   def __post_init__(self):
     if self.slo_ms <= 0:
@@ -215,6 +224,7 @@ class KPolicy:
                        f"[k_min={self.k_min}, k_max={self.k_max}]")
     if self.feedback is None:
       self.feedback = Feedback(self.slo_ms, steps=len(self.ks) - 1)
+    self._ratios = collections.deque(maxlen=self.margin_batches)
 
   @property
   def k_cap(self) -> float:
@@ -239,5 +249,5 @@ class KPolicy:
   def observe_batch(self, bucket: int, batch: int, k: float, seconds: float) -> None:
     """Updates the margin from one batch's measured model time."""
     ratio = 1e3 * seconds / self.table.predict(bucket, batch, k)
-    ratio = min(4.0, max(0.5, ratio))
-    self.margin += self.smoothing * (ratio - self.margin)
+    self._ratios.append(min(4.0, max(0.5, ratio)))
+    self.margin = percentile(self._ratios, self.margin_q)
