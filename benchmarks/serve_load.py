@@ -254,11 +254,14 @@ class Server:
 
 # --- the experiment ------------------------------------------------------------------------------
 
-def measure(port, rate, duration, texts, labels, slo_ms, kind="poisson", seed=0) -> dict:
-  offsets = arrivals(rate, duration, kind, seed)
+def measure(port, rate, duration, texts, labels, slo_ms, kind="poisson", seed=0, warmup=0.0) -> dict:
+  """One open-loop run: ``warmup`` s at ``rate`` (answered, not counted: the server settles from
+  the load before), then ``duration`` s that count."""
+  offsets = arrivals(rate, warmup + duration, kind, seed)
   records, cost = run_load(port, offsets, texts)
-  return {"rate": rate, "duration_s": duration, "arrivals": kind,
-          **summarize(records, labels, slo_ms, duration), "generator": cost}
+  counted = [r for r in records if r["intended"] >= warmup]
+  return {"rate": rate, "duration_s": duration, "warmup_s": warmup, "arrivals": kind,
+          **summarize(counted, labels, slo_ms, duration), "generator": cost}
 
 
 def median_row(rows: list[dict]) -> dict:
@@ -345,7 +348,8 @@ def experiment(args) -> dict:
             "workdir": args.workdir, "slo_ms": args.slo_ms, "k_min": args.k_min,
             "settings": {"max_batch_size": args.max_batch_size,
                          "max_queue_delay_ms": args.max_queue_delay_ms, "max_queue": args.max_queue,
-                         "duration_s": args.duration, "repeats": args.repeats, "arrivals": "poisson",
+                         "duration_s": args.duration, "warmup_s": args.warmup,
+                         "repeats": args.repeats, "arrivals": "poisson",
                          "texts": str(args.data)}}
   modes = {"fixed k=1": ["--fixed_k=1.0"], f"fixed k_min={args.k_min:g}": [f"--fixed_k={args.k_min}"],
            "adaptive": [f"--k_min={args.k_min}", "--k_max=1.0", f"--k_points={args.k_points}"]}
@@ -367,7 +371,8 @@ def experiment(args) -> dict:
 
   s = Server(args.workdir, args.slo_ms, *modes["fixed k=1"], *common, log=logs / "c1.log")
   c1, tried = find_c1(lambda rate, seed: measure(s.port, rate, args.search_duration, texts, labels,
-                                                 args.slo_ms, seed=seed), args.slo_ms, args.c1_start)
+                                                 args.slo_ms, seed=seed, warmup=args.warmup),
+                      args.slo_ms, args.c1_start)
   s.stop()
   result["c1_rps"], result["c1_search"] = c1, tried
   print(f"C1 = {c1:.1f} req/s", file=sys.stderr, flush=True)
@@ -385,7 +390,7 @@ def experiment(args) -> dict:
       for m in range(len(names)):
         name = names[(m + rep + j) % len(names)]
         row = measure(servers[name].port, mult * c1, args.duration, texts, labels, args.slo_ms,
-                      seed=100 + 10 * j + rep)
+                      seed=100 + 10 * j + rep, warmup=args.warmup)
         raw[name][j].append(row)
         print(f"{name} at {mult} x C1 (run {rep + 1}): attainment {row['slo_attainment']:.3f}, "
               f"goodput {row['goodput_rps']:.1f}/s, eff. acc {row['effective_accuracy']:.3f}, mean k "
@@ -473,6 +478,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   e.add_argument("--loads", default="0.5,1,1.5,2,3", help="offered loads, x C1")
   e.add_argument("--duration", type=float, default=10.0, help="seconds per run of a load point")
   e.add_argument("--repeats", type=int, default=3, help="runs per (mode, load), interleaved")
+  e.add_argument("--warmup", type=float, default=3.0,
+                 help="seconds at each run's rate before the counted ones (the servers stay up "
+                      "between runs, so each run starts from the last one's state; the step "
+                      "trace measures that change)")
   e.add_argument("--search_duration", type=float, default=10.0, help="seconds per C1 probe")
   e.add_argument("--c1_start", type=float, default=20.0, help="first rate of the C1 search")
   e.add_argument("--step_s", type=float, default=10.0, help="seconds per phase of the step trace")

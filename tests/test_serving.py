@@ -140,7 +140,7 @@ def test_feedback_cap_and_measured_margin_lower_k_and_it_recovers():
   for _ in range(30):
     p.observe_batch(16, 4, 1.0, 0.120)
   assert p.margin == pytest.approx(3.0, rel=0.01)
-  assert p.choose(16, 4, 10.4, 10.4) == 0.8   # 40 x 3 > 100 >= 32 x 3
+  assert p.choose(16, 4, 12.0, 12.0) == 0.8   # 40 x 3 > 100 >= 32 x 3
   # The margin is the p90 over the last 32 batches: 4 slow batches in 32 set it, and it forgets them.
   for ratio in [1.0] * 28 + [3.0] * 4:
     p.observe_batch(16, 4, 1.0, 0.040 * ratio)
@@ -150,6 +150,18 @@ def test_feedback_cap_and_measured_margin_lower_k_and_it_recovers():
   assert p.margin == pytest.approx(1.0)
   fixed = policy.KPolicy(fake_table(), slo_ms=100, k_min=1.0, k_max=1.0, adaptive=False)
   assert fixed.choose(16, 4, 0.0, 5.0) == 1.0
+
+
+def test_a_rate_that_would_build_a_queue_lowers_k_before_it_builds():
+  p = policy.KPolicy(fake_table(), slo_ms=100, k_min=0.6, k_max=1.0)
+  assert p.choose(32, 2, 5.0, 5.0) == 1.0     # 40 ms, nothing behind it
+  for i in range(100):
+    p.observe(30.0, now=4.0 + i * 0.01)       # 100 req/s finished in the last second
+  assert p.rate_per_ms(5.0) == pytest.approx(0.1)
+  # At k = 1 the batch takes 40 ms, 4 texts arrive meanwhile, and they take 80: 120 > 100.
+  # At k = 0.8: 32 + 64 = 96 fits.
+  assert p.choose(32, 2, 5.0, 5.0) == 0.8
+  assert p.rate_per_ms(6.5) == 0.0 and p.choose(32, 2, 6.5, 6.5) == 1.0   # the rate has passed
 
 
 def test_a_queue_behind_the_batch_lowers_k_before_anyone_is_late():

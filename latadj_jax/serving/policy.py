@@ -3,8 +3,10 @@
 * ``LatencyTable``: lat[bucket][batch size][k] in ms, measured on this device
   (``backend.measure_table``) or loaded from the workdir.
 * Feed-forward (SuperServe-style): each batch gets the highest k whose
-  predicted time, times the feedback's ``margin``, fits the **oldest** request's
-  remaining slack (SLO minus the time it has already waited).
+  predicted time, times the measured ``margin``, fits the **oldest** request's
+  remaining slack (SLO minus the time it has already waited), and leaves time
+  for the batch after it: the texts queued now, or those that arrive while it
+  runs at the recent rate.
 * Feedback (Clipper's AIMD, on a cap over k instead of the batch size):
   every ``interval_s`` the windowed p99 of end-to-end latency is compared with
   the SLO: over it the cap drops two grid steps, over 0.85 x SLO one; under
@@ -106,19 +108,25 @@ class LatencyTable:
 
 
 def choose_k(table: LatencyTable, ks: Sequence[float], bucket: int, batch: int, slack_ms: float,
-             margin: float = 1.0, next_batch: int = 0, next_slack_ms: float = math.inf) -> float:
+             margin: float = 1.0, next_batch: int = 0, next_slack_ms: float = math.inf,
+             rate_per_ms: float = 0.0, budget_ms: float = math.inf) -> float:
   """Returns the highest of ``ks`` whose predicted time x ``margin`` fits ``slack_ms`` (else the lowest).
 
-  With ``next_batch`` texts still queued behind this batch, the k must also let
-  the next batch (at the same k) finish within its oldest request's slack,
-  ``next_slack_ms``: a queue that is building lowers k before it is late.
+  The batch after this one must fit too, at the same k: it holds the
+  ``next_batch`` texts queued now, or, if more, those that arrive while this
+  batch runs at ``rate_per_ms``; it must finish within the slack of its oldest
+  text (``next_slack_ms`` for a queued one, ``budget_ms`` for one arriving as
+  this batch starts). A queue that is building, or a rate that would build
+  one, lowers k before anyone is late.
   """
   ordered = sorted(ks, reverse=True)
   largest = max(table.batch_sizes(bucket))
   for k in ordered:
     t = table.predict(bucket, batch, k) * margin
-    after = t + table.predict(bucket, min(next_batch, largest), k) * margin if next_batch else t
-    if t <= slack_ms and after <= next_slack_ms:
+    following = min(largest, max(next_batch, math.ceil(rate_per_ms * t)))
+    after = t + table.predict(bucket, following, k) * margin if following else t
+    limit = next_slack_ms if next_batch else budget_ms
+    if t <= slack_ms and after <= limit:
       return k
   return ordered[-1]
 
@@ -214,6 +222,7 @@ class KPolicy:
   margin: float = 1.0
   margin_q: float = 90.0
   margin_batches: int = 32
+  rate_window_s: float = 1.0      # the arrival rate is the finished requests of this window
 
   def __post_init__(self):
     if self.slo_ms <= 0:
@@ -225,6 +234,7 @@ class KPolicy:
     if self.feedback is None:
       self.feedback = Feedback(self.slo_ms, steps=len(self.ks) - 1)
     self._ratios = collections.deque(maxlen=self.margin_batches)
+    self._finished: collections.deque = collections.deque()
 
   @property
   def k_cap(self) -> float:
@@ -240,11 +250,19 @@ class KPolicy:
     slack = lambda arrival: self.slo_ms - 1e3 * (now - arrival) - self.overhead_ms
     next_slack = slack(next_arrival) if next_arrival is not None else math.inf
     return choose_k(self.table, self.ks[cap:], bucket, batch, slack(oldest_arrival), self.margin,
-                    next_batch, next_slack)
+                    next_batch, next_slack, self.rate_per_ms(now), self.slo_ms - self.overhead_ms)
+
+  def rate_per_ms(self, now: float) -> float:
+    """Returns the requests finished per ms over the last ``rate_window_s`` (the arrival rate, in
+    steady state)."""
+    while self._finished and self._finished[0] < now - self.rate_window_s:
+      self._finished.popleft()
+    return len(self._finished) / (1e3 * self.rate_window_s)
 
   def observe(self, latency_ms: float, now: float) -> None:
-    """Records a request's end-to-end latency for the feedback."""
+    """Records a request's end-to-end latency for the feedback and the arrival rate."""
     self.feedback.observe(latency_ms, now)
+    self._finished.append(now)
 
   def observe_batch(self, bucket: int, batch: int, k: float, seconds: float) -> None:
     """Updates the margin from one batch's measured model time."""

@@ -145,6 +145,8 @@ class Service:
     self.startup_seconds = self.clock() - self.started
     self.metrics.ready.set(1)
     self.metrics.startup.set(self.startup_seconds)
+    self.metrics.k_cap.set(self.policy.k_cap)
+    self.metrics.margin.set(self.policy.margin)
     print(f"ready in {self.startup_seconds:.1f} s: k in {self.policy.ks}, batch sizes "
           f"{c.batch_sizes}, buckets {table.buckets}, latency table "
           f"{'measured now' if self.table_measured else 'from the workdir'}", flush=True)
