@@ -162,6 +162,12 @@ def test_a_rate_that_would_build_a_queue_lowers_k_before_it_builds():
   # At k = 0.8: 32 + 64 = 96 fits.
   assert p.choose(32, 2, 5.0, 5.0) == 0.8
   assert p.rate_per_ms(6.5) == 0.0 and p.choose(32, 2, 6.5, 6.5) == 1.0   # the rate has passed
+  # A light rate expects no one during the batch (5/s x 80 ms = 0.4 rounds to 0), though under
+  # this margin a second batch would not fit (80 + 40 > 100): k stays at k_max.
+  for i in range(5):
+    p.observe(30.0, now=6.0 + i * 0.2)
+  p.margin = 2.0
+  assert p.rate_per_ms(6.95) == pytest.approx(0.005) and p.choose(32, 2, 6.95, 6.95) == 1.0
 
 
 def test_a_queue_behind_the_batch_lowers_k_before_anyone_is_late():

@@ -123,7 +123,8 @@ def choose_k(table: LatencyTable, ks: Sequence[float], bucket: int, batch: int, 
   largest = max(table.batch_sizes(bucket))
   for k in ordered:
     t = table.predict(bucket, batch, k) * margin
-    following = min(largest, max(next_batch, math.ceil(rate_per_ms * t)))
+    expected = math.floor(rate_per_ms * t + 0.5)   # rounded: ceil would expect one at any rate
+    following = min(largest, max(next_batch, expected))
     after = t + table.predict(bucket, following, k) * margin if following else t
     limit = next_slack_ms if next_batch else budget_ms
     if t <= slack_ms and after <= limit:
