@@ -344,7 +344,7 @@ def experiment(args) -> dict:
   common = [f"--max_batch_size={args.max_batch_size}", f"--max_queue_delay_ms={args.max_queue_delay_ms}",
             f"--max_queue={args.max_queue}"]
   result = {"benchmark": "serve_load", "command": "python benchmarks/serve_load.py " +
-            " ".join(sys.argv[2:] if len(sys.argv) > 2 else []),
+            " ".join(sys.argv[1:]),
             "workdir": args.workdir, "slo_ms": args.slo_ms, "k_min": args.k_min,
             "settings": {"max_batch_size": args.max_batch_size,
                          "max_queue_delay_ms": args.max_queue_delay_ms, "max_queue": args.max_queue,
