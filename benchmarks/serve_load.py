@@ -87,16 +87,22 @@ def load_dev(path: Path = SST2_DEV) -> tuple[list[str], np.ndarray]:
   return [t.strip() for t in texts], np.asarray([int(l) for l in labels])
 
 
-async def post(port: int, body: bytes, timeout: float) -> tuple[int, dict]:
-  """Sends one POST /v1/classify on a fresh connection; returns (status, JSON body or {})."""
+async def _exchange(port: int, request: bytes, timeout: float) -> bytes:
+  """Sends one raw HTTP request on a fresh connection and returns the whole raw reply."""
   reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), timeout)
   try:
-    writer.write(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    writer.write(request)
     await writer.drain()
-    raw = await asyncio.wait_for(reader.read(), timeout)
+    return await asyncio.wait_for(reader.read(), timeout)
   finally:
     writer.close()
+
+
+async def post(port: int, body: bytes, timeout: float) -> tuple[int, dict]:
+  """Sends one POST /v1/classify on a fresh connection; returns (status, JSON body or {})."""
+  raw = await _exchange(port, b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
+                        timeout)
   head, _, payload = raw.partition(b"\r\n\r\n")
   status = int(head.split(b" ", 2)[1])
   try:
@@ -107,13 +113,8 @@ async def post(port: int, body: bytes, timeout: float) -> tuple[int, dict]:
 
 async def get_metric(port: int, name: str, timeout: float = 2.0) -> float:
   """Returns the value of the unlabelled gauge ``name`` from the server's /metrics (NaN if absent)."""
-  reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), timeout)
-  try:
-    writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-    await writer.drain()
-    raw = await asyncio.wait_for(reader.read(), timeout)
-  finally:
-    writer.close()
+  raw = await _exchange(port, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+                        timeout)
   for line in raw.decode(errors="replace").splitlines():
     if line.startswith(name + " "):
       return float(line.split()[1])

@@ -145,8 +145,7 @@ class Service:
     self.startup_seconds = self.clock() - self.started
     self.metrics.ready.set(1)
     self.metrics.startup.set(self.startup_seconds)
-    self.metrics.k_cap.set(self.policy.k_cap)
-    self.metrics.margin.set(self.policy.margin)
+    self._publish_policy()
     print(f"ready in {self.startup_seconds:.1f} s: k in {self.policy.ks}, batch sizes "
           f"{c.batch_sizes}, buckets {table.buckets}, latency table "
           f"{'measured now' if self.table_measured else 'from the workdir'}", flush=True)
@@ -168,10 +167,14 @@ class Service:
   def _choose(self, bucket: int, n: int, oldest: float, now: float, next_arrival: float | None,
               next_n: int) -> float:
     k = self.policy.choose(bucket, n, oldest, now, next_arrival, next_n)
-    self.metrics.margin.set(self.policy.margin)
-    self.metrics.k_cap.set(self.policy.k_cap)
+    self._publish_policy()
     self.metrics.queue_depth.set(self.batcher.depth if self.batcher else 0)
     return k
+
+  def _publish_policy(self) -> None:
+    """Sets the gauges of the policy's state: the feedback's cap on k and the margin."""
+    self.metrics.margin.set(self.policy.margin)
+    self.metrics.k_cap.set(self.policy.k_cap)
 
   def _on_batch(self, bucket: int, n: int, k: float, seconds: float) -> None:
     if self.policy.adaptive:
