@@ -141,7 +141,7 @@ def test_feedback_cap_and_measured_margin_lower_k_and_it_recovers():
     p.observe_batch(16, 4, 1.0, 0.120)
   assert p.margin == pytest.approx(3.0, rel=0.01)
   assert p.choose(16, 4, 12.0, 12.0) == 0.8   # 40 x 3 > 100 >= 32 x 3
-  # The margin is the p90 over the last 32 batches: 4 slow batches in 32 set it, and it forgets them.
+  # The margin is the p95 over the last 32 batches: 4 slow batches in 32 set it, and it forgets them.
   for ratio in [1.0] * 28 + [3.0] * 4:
     p.observe_batch(16, 4, 1.0, 0.040 * ratio)
   assert p.margin == pytest.approx(3.0)

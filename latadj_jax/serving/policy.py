@@ -9,12 +9,12 @@
   runs at the recent rate.
 * Feedback (Clipper's AIMD, on a cap over k instead of the batch size):
   every ``interval_s`` the windowed p99 of end-to-end latency is compared with
-  the SLO: over it the cap drops two grid steps, over 0.85 x SLO one; under
+  the SLO: over it the cap drops two grid steps, over 0.8 x SLO one; under
   0.6 x SLO it rises one step; in between it holds, so k does not flap. Each
   change empties the window: the next cut waits for ``min_samples`` requests
   served under the new cap, so one late burst moves the cap once; the next
   raise waits 0.5 s more (cut fast, raise slowly).
-* The predictions are corrected online by the tail (p90 over the last 32
+* The predictions are corrected online by the tail (p95 over the last 32
   batches) of the ratio of measured to tabled model time (``margin``).
 
 Everything takes the time from the caller (``now``), so tests drive it with a
@@ -158,7 +158,7 @@ class Feedback:
   steps: int                     # grid points below k_max
   window_s: float = 1.0
   interval_s: float = 0.25
-  high: float = 0.85
+  high: float = 0.8
   low: float = 0.6
   min_samples: int = 16
   raise_after_s: float = 0.5
@@ -221,7 +221,7 @@ class KPolicy:
   overhead_ms: float = 0.0
   feedback: Feedback | None = None
   margin: float = 1.0
-  margin_q: float = 90.0
+  margin_q: float = 95.0
   margin_batches: int = 32
   rate_window_s: float = 1.0      # the arrival rate is the finished requests of this window
 
