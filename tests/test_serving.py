@@ -75,7 +75,7 @@ def test_feed_forward_picks_the_highest_k_that_fits_the_oldest_slack():
 
 def test_feedback_is_aimd_on_a_k_cap_with_hysteresis():
   fb = policy.Feedback(slo_ms=100, steps=4, window_s=1.0, interval_s=0.5, high=0.8, low=0.5,
-                       min_samples=10, raise_after_s=1.0)
+                       min_samples=10, raise_samples=5, raise_after_s=1.0)
   for i in range(100):
     fb.observe(150.0, now=i * 0.001)          # p99 over the SLO: two steps down
   assert fb.update(now=0.1) == 2
@@ -94,11 +94,11 @@ def test_feedback_is_aimd_on_a_k_cap_with_hysteresis():
   for i in range(100):
     fb.observe(70.0, now=3.5 + i * 1e-3)      # between 0.5 and 0.8 x SLO: held
   assert fb.update(now=3.7) == 2
-  for i in range(9):
-    fb.observe(30.0, now=5.0 + i * 1e-3)      # under 0.5 x SLO, but fewer than min_samples: held
+  for i in range(4):
+    fb.observe(30.0, now=5.0 + i * 1e-3)      # under 0.5 x SLO, but fewer than raise_samples: held
   assert fb.update(now=5.01) == 2
   fb.observe(30.0, now=5.02)
-  assert fb.update(now=5.2) == 1              # one step up, on fresh samples
+  assert fb.update(now=5.2) == 1              # one step up, on 5 fresh samples (not min_samples)
   for i in range(10):
     fb.observe(30.0, now=5.9 + i * 1e-3)
   assert fb.update(now=6.0) == 1              # raises wait a whole window after a change
@@ -106,6 +106,12 @@ def test_feedback_is_aimd_on_a_k_cap_with_hysteresis():
   for i in range(10):
     fb.observe(85.0, now=6.6 + i * 1e-3)
   assert fb.update(now=7.0) == 1              # cuts do not wait: fast down, slow up
+  for i in range(5):
+    fb.observe(150.0, now=7.1 + i * 1e-3)
+  assert fb.update(now=7.6) == 1              # but a cut judges min_samples requests, not 5
+  for i in range(5):
+    fb.observe(150.0, now=7.7 + i * 1e-3)
+  assert fb.update(now=8.0) == 3
 
 
 def test_feedback_moves_once_for_one_late_burst_then_recovers_at_light_load():

@@ -13,7 +13,7 @@
   0.6 x SLO it rises one step; in between it holds, so k does not flap. Each
   change empties the window: the next cut waits for ``min_samples`` requests
   served under the new cap, so one late burst moves the cap once; the next
-  raise waits 0.5 s more (cut fast, raise slowly).
+  raise waits 0.5 s more and ``raise_samples`` requests (cut fast, raise slowly).
 * The predictions are corrected online by the tail (p95 over the last 32
   batches) of the ratio of measured to tabled model time (``margin``).
 
@@ -152,7 +152,10 @@ class Feedback:
   served under the current cap, so a burst that is already answered for does
   not cut again while it ages out of the window. A raise also waits until
   ``raise_after_s`` has passed since the last change: cuts are fast, raises
-  slow, as in AIMD. ``cap`` indexes the policy's k grid, highest k first.
+  slow, as in AIMD. A raise needs only ``raise_samples`` requests: at light
+  load 16 take most of a second to arrive, and a cap left low by a burst would
+  otherwise climb back one step per second. ``cap`` indexes the policy's k
+  grid, highest k first.
   """
   slo_ms: float
   steps: int                     # grid points below k_max
@@ -161,6 +164,7 @@ class Feedback:
   high: float = 0.8
   low: float = 0.6
   min_samples: int = 16
+  raise_samples: int = 8
   raise_after_s: float = 0.5
   cap: int = 0
   _samples: collections.deque = dataclasses.field(default_factory=collections.deque)
@@ -171,11 +175,11 @@ class Feedback:
     """Records one finished request's end-to-end latency at time ``now`` (seconds)."""
     self._samples.append((now, latency_ms))
 
-  def p99(self, now: float) -> float:
+  def p99(self, now: float, min_samples: int | None = None) -> float:
     """Returns the p99 of the window's samples, or NaN when it holds fewer than ``min_samples``."""
     while self._samples and self._samples[0][0] < now - self.window_s:
       self._samples.popleft()
-    if len(self._samples) < max(1, self.min_samples):
+    if len(self._samples) < max(1, self.min_samples if min_samples is None else min_samples):
       return math.nan
     return percentile((ms for _, ms in self._samples), 99)
 
@@ -183,16 +187,19 @@ class Feedback:
     """Returns the cap, first adjusting it if ``interval_s`` has passed since the last decision."""
     if now - self._last_update < self.interval_s:
       return self.cap
-    p99 = self.p99(now)
+    p99 = self.p99(now, min(self.min_samples, self.raise_samples))
     if math.isnan(p99):
       return self.cap
+    may_raise = p99 < self.low * self.slo_ms and now - self._last_change >= self.raise_after_s
+    if len(self._samples) < self.min_samples and not may_raise:
+      return self.cap                # cuts and holds wait for min_samples requests
     self._last_update = now
     old = self.cap
     if p99 > self.slo_ms:
       self.cap = min(self.steps, self.cap + 2)
     elif p99 > self.high * self.slo_ms:
       self.cap = min(self.steps, self.cap + 1)
-    elif p99 < self.low * self.slo_ms and now - self._last_change >= self.raise_after_s:
+    elif may_raise:
       self.cap = max(0, self.cap - 1)
     if self.cap != old:
       self._samples.clear()
