@@ -175,23 +175,20 @@ class Feedback:
     """Records one finished request's end-to-end latency at time ``now`` (seconds)."""
     self._samples.append((now, latency_ms))
 
-  def p99(self, now: float, min_samples: int | None = None) -> float:
-    """Returns the p99 of the window's samples, or NaN when it holds fewer than ``min_samples``."""
+  def p99(self, now: float) -> float:
+    """Returns the p99 of the samples of the last ``window_s`` (NaN when there are none)."""
     while self._samples and self._samples[0][0] < now - self.window_s:
       self._samples.popleft()
-    if len(self._samples) < max(1, self.min_samples if min_samples is None else min_samples):
-      return math.nan
     return percentile((ms for _, ms in self._samples), 99)
 
   def update(self, now: float) -> int:
     """Returns the cap, first adjusting it if ``interval_s`` has passed since the last decision."""
     if now - self._last_update < self.interval_s:
       return self.cap
-    p99 = self.p99(now, min(self.min_samples, self.raise_samples))
-    if math.isnan(p99):
-      return self.cap
-    may_raise = p99 < self.low * self.slo_ms and now - self._last_change >= self.raise_after_s
-    if len(self._samples) < self.min_samples and not may_raise:
+    p99, n = self.p99(now), len(self._samples)
+    may_raise = (n >= min(self.raise_samples, self.min_samples) and p99 < self.low * self.slo_ms
+                 and now - self._last_change >= self.raise_after_s)
+    if not n or (n < self.min_samples and not may_raise):
       return self.cap                # cuts and holds wait for min_samples requests
     self._last_update = now
     old = self.cap
