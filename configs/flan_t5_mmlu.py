@@ -15,29 +15,16 @@ as shots, so it is at most 4-shot; the results file states the protocol.
 
 import ml_collections
 
+from configs import sections
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # Model: an HF hub id or a local T5 directory (config.json + weights + tokenizer).
-  c.model = "google/flan-t5-base"
-  c.dtype = "float32"
-  # Data: benchmark mmlu|bbh; source auto|hub|local (auto: local when data_dir is set).
-  c.benchmark = "mmlu"
-  c.data_source = "auto"
-  c.data_dir = ""                  # a dir with mmlu_cot_prompts.json (or the file), or bbh/*.yaml
-  c.tasks = ()                     # empty: all; or --config.tasks="'anatomy','virology'"
-  c.num_shots = 5                  # a prompt over max_len drops its last shots first
-  c.max_items = 0                  # > 0: evaluate only this many, round-robin over tasks
-  c.max_len = 512
-  c.buckets = (128, 256, 512)      # prompt length buckets (static shapes); capped at max_len
-  c.batch_size = 8
+  sections.model(c, "google/flan-t5-base")   # or a local T5 directory (config.json + weights + tokenizer)
+  sections.fewshot(c, "mmlu")
   c.max_new_tokens = 5             # greedy tokens per prompt; 0: the longest target's + 1
-  # Elimination: the sweep over k (``--coeff`` overrides), and the profile:
-  # "flat" (R_l = k, the paper's training-free setting), "acc" (measured on the prompts), "v1,...".
-  c.coeffs = (1.0, 0.9, 0.8)
-  c.profile = "flat"
-  c.profile_batches = 4
-  c.profile_degree = 2
-  c.time_repeats = 5               # interleaved timed runs per schedule (median)
-  c.workdir = ""                   # results dir; default workdirs/<config name>
+  # The sweep over k (``--coeff`` overrides), and the profile: "flat" (R_l = k, the paper's
+  # training-free setting), "acc" (measured on the prompts), "v1,...".
+  sections.sweep(c, coeffs=(1.0, 0.9, 0.8), time_repeats=5)
+  sections.profile(c, "flat", batches=4)
   return c

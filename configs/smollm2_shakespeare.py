@@ -22,15 +22,15 @@ NLL they reach against the training-free survivor rules
 (``benchmarks/smollm2_rules.py --init_from WORKDIR``).
 """
 
-from configs import lm_text, lm_wikitext103, smollm2_text
+from configs import assets, lm_wikitext103
 
 
 def get_config():
   c = lm_wikitext103.get_config()
-  c.model = smollm2_text._smollm2()
+  c.model = assets.smollm2()
   c.tokenizer = "model"
   c.data_source = "local"
-  c.data_dir = str(lm_text.SAMPLE_TEXT)
+  c.data_dir = str(assets.SAMPLE_TEXT)
   c.hub_dataset = ""
   c.hub_config = ""
   c.block_size = 256

@@ -21,43 +21,28 @@ it prints; ``benchmarks/smollm2_text.py`` adds TTFT at longer prompts.
 
 import ml_collections
 
-from configs.lm_text import SAMPLE_TEXT
-
-
-def _smollm2() -> str:
-  from latadj_jax.models import checkpoints, gguf_loader
-  try:
-    return str(gguf_loader.packaged_smollm2())
-  except checkpoints.CheckpointError:
-    return ""  # the run then says how to install it
+from configs import assets, sections
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "continuation"
-  c.model = _smollm2()              # a .gguf file, a directory holding one, or an HF Llama dir
+  sections.model(c, assets.smollm2())   # a .gguf file, a directory holding one, or an HF Llama dir
   c.init_from = ""                  # or an LM training workdir's parameters (smollm2_shakespeare)
-  c.dtype = "float32"
-  c.data_dir = str(SAMPLE_TEXT)     # Macbeth, shipped; any directory of .txt files works
+  c.data_dir = str(assets.SAMPLE_TEXT)   # Macbeth, shipped; any directory of .txt files works
   c.split = "validation"
   c.dev_fraction = 0.1
   c.prompt_len = 256
   c.continuation_len = 32
   c.max_examples = 16               # windows, round-robin over the plays
   c.batch_size = 4
-  c.coeffs = (1.0, 0.95, 0.9, 0.85, 0.8)
-  c.profile = "flat"                # flat | acc (measured on the prompts) | v1,...,v30
-  c.profile_batches = 4
+  sections.sweep(c, coeffs=(1.0, 0.95, 0.9, 0.85, 0.8), time_repeats=3)
+  sections.profile(c, "flat", batches=4)   # flat | acc (measured on the prompts) | v1,...,v30
   # Survivors: StreamingLLM's rule, the first 4 tokens and the most recent rest, chosen from
   # the curves of benchmarks/smollm2_rules.py (README, issue 24): it loses the least NLL at every
   # speedup measured, at 256 and 1,024 tokens. The paper's eq. 8: --config.survivors=score
-  # --config.keep_sinks=0. Others: window (SnapKV), first, random (configs/default.py).
+  # --config.keep_sinks=0. Others: window (SnapKV), first, random (configs/sections.py).
+  sections.causal_survivor_rules(c)
   c.survivors = "last"
-  c.score_window = 32               # window: the last this many queries score the tokens
-  c.keep_sinks = 4                  # the first this many tokens always survive
-  c.keep_recent = 0                 # the last this many tokens always survive
-  c.score_pool = 0                  # score/window: max-pool the scores over this many neighbours
-  c.profile_degree = 2
-  c.time_repeats = 3
-  c.workdir = ""                    # results dir; default workdirs/smollm2_text
+  c.keep_sinks = 4
   return c

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import ast
+import difflib
 import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from absl import flags
 import ml_collections
+from ml_collections import config_flags
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -31,14 +33,21 @@ def resolve(name_or_path: str, config_dir: Path = CONFIG_DIR) -> Path:
   candidate = config_dir / f"{name_or_path}.py"
   if candidate.is_file():
     return candidate
-  raise ConfigError(f"unknown config {name_or_path!r}. Available: "
-                    f"{', '.join(available(config_dir))} (or pass a path to a .py file)")
+  names = available(config_dir)
+  near = difflib.get_close_matches(name_or_path, names, n=1)
+  hint = f" (did you mean {near[0]!r}?)" if near else ""
+  raise ConfigError(f"unknown config {name_or_path!r}{hint}. Available: "
+                    f"{', '.join(names)} (or pass a path to a .py file)")
 
 
 def load(name_or_path: str) -> ml_collections.ConfigDict:
-  """Returns ``get_config()`` of the named config file, with ``config.name`` set."""
+  """Returns ``get_config()`` of the named config file, with ``config.name`` set, locked.
+
+  Locked: setting a field the config lacks raises, so a misspelt field fails where it is
+  set; code that adds a field wraps it in ``with config.unlocked():``.
+  """
   path = resolve(name_or_path)
-  # Configs import their base as ``from configs import default``.
+  # Configs import their base and their sections as ``from configs import ...``.
   root = str(path.parent.parent)
   if root not in sys.path:
     sys.path.insert(0, root)
@@ -48,46 +57,64 @@ def load(name_or_path: str) -> ml_collections.ConfigDict:
   config = module.get_config()
   with config.unlocked():
     config.name = path.stem
+  config.lock()
   return config
 
 
-def _coerce(text: str, current: Any) -> Any:
-  """Returns ``text`` parsed to the type of the field's current value."""
-  if isinstance(current, bool):
-    if text.lower() in ("1", "true", "yes"):
-      return True
-    if text.lower() in ("0", "false", "no"):
-      return False
-    raise ValueError(f"expected true or false, got {text!r}")
-  if isinstance(current, int):
-    return int(text)
-  if isinstance(current, float):
-    return float(text)
-  if isinstance(current, (tuple, list)):
-    value = ast.literal_eval(text if text.strip().startswith(("(", "[")) else f"({text},)")
-    return type(current)(value)
-  return text
+def _paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Returns every field's dotted path, groups (``gpt2``) and their fields (``gpt2.n_layer``) alike."""
+  out = []
+  for key, value in config.items():
+    out.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _paths(value, f"{prefix}{key}.")
+  return out
+
+
+def _check_field(config: ml_collections.ConfigDict, key: str) -> Any:
+  """Returns the current value of the dotted field ``key``; raises a one-line ConfigError naming the nearest."""
+  node, seen = config, []
+  for part in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ConfigError(f"config field {'.'.join(seen)!r} is a {type(node).__name__}, not a group "
+                        f"of fields: no --config.{key}")
+    if part not in node:
+      near = difflib.get_close_matches(key, _paths(config), n=1)
+      hint = f" (did you mean {near[0]!r}?)" if near else ""
+      where = f" of {'.'.join(seen)}" if seen else ""
+      raise ConfigError(f"unknown config field {key!r}{hint}; fields{where}: "
+                        f"{', '.join(sorted(node.keys()))}")
+    node = node[part]
+    seen.append(part)
+  return node
 
 
 def override(config: ml_collections.ConfigDict, assignments: Sequence[str]) -> ml_collections.ConfigDict:
-  """Returns ``config`` with ``field=value`` (or ``a.b=value``) assignments applied."""
+  """Returns ``config`` with ``field=value`` (or ``a.b=value``) assignments applied, each parsed to its field's type.
+
+  ``ml_collections.config_flags`` parses and assigns them, on a private ``FlagValues``
+  (absl's global FLAGS stays untouched): bool ``true/false/1/0``, int, float, str, a
+  tuple as ``0.8,0.9`` or ``(0.8, 0.9)``, a group as a dict literal. It locks ``config``.
+  """
+  argv = ["override"]
   for item in assignments:
     key, sep, text = item.partition("=")
     if not sep:
       raise ConfigError(f"override {item!r} needs a value: --config.{key}=VALUE")
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    if leaf not in node:
-      raise ConfigError(f"unknown config field {key!r}; fields: {', '.join(sorted(node.keys()))}")
-    try:
-      value = _coerce(text, node[leaf])
-    except (ValueError, SyntaxError) as e:
-      raise ConfigError(f"bad value for --config.{key}: {e}") from None
-    with node.ignore_type():
-      node[leaf] = value
-  return config
+    if isinstance(_check_field(config, key), tuple) and not text.strip():
+      text = "()"  # config_flags would read an empty value as ("",)
+    argv.append(f"--config.{key}={text}")
+  flag_values = flags.FlagValues()
+  try:
+    holder = config_flags.DEFINE_config_dict("config", config, flag_values=flag_values,
+                                             sys_argv=argv, lock_config=True)
+    flag_values(argv)
+  except flags.Error as e:
+    message = " ".join(str(e).split())  # one line
+    if message.startswith("flag "):  # absl: "flag --config.x=v: why"
+      raise ConfigError("bad value for " + message.removeprefix("flag ")) from None
+    raise ConfigError(f"bad override: {message}") from None
+  return holder.value
 
 
 def split_argv(argv: Sequence[str]) -> tuple[str | None, list[str], list[str]]:
