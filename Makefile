@@ -1,13 +1,19 @@
 # Two commands on a fresh machine that has python3 (and make):
 #
 #   make quickstart   # .venv + the package + the offline MiniLM, then train.py --config=quickstart
-#   make test         # .venv + CPU torch + the test extra (gguf included) + offline models, then the tests
+#   make test         # .venv + CPU torch + the test extra (gguf included) + offline models, then the fast tests
+#
+# The tests come in two tiers: `make test` runs the fast tier, every test not marked
+# `@pytest.mark.slow` (what to run on every edit); `make test-all` runs everything, the
+# slow end-to-end runs too (subprocesses: train.py, eval.py, serve.py, notebooks, launched
+# hosts; training). CI (.ci/run) runs `make test-all`. Both print the 15 slowest tests.
 #
 # Each creates .venv when it is missing and installs only what is not installed
 # yet: a stamp file in .venv, named by a hash of pyproject.toml and this
 # Makefile, marks each finished install, so a second run goes straight to the
 # command, and editing either file reinstalls. Variables:
-#   make test PYTEST_ARGS="tests/test_export.py -x"    # a selection instead of tests/
+#   make test PYTEST_ARGS="tests/test_export.py -x"    # a selection instead of tests/ (fast tier)
+#   make test-all PYTEST_ARGS=tests/test_hub.py        # the same, slow tests included
 #   make quickstart ARGS="--config.num_epochs=1"       # extra train.py flags
 #   make install / make install-test                   # install only
 
@@ -29,14 +35,19 @@ TEST_STAMP := $(VENV)/.installed-test-$(KEY)
 # The test install includes everything the quickstart needs.
 QUICKSTART_DEPS := $(if $(wildcard $(TEST_STAMP)),$(TEST_STAMP),$(RUNTIME_STAMP))
 
-.PHONY: quickstart test install install-test clean-venv
+.PHONY: quickstart test test-all install install-test clean-venv
 
 quickstart: $(QUICKSTART_DEPS)
 	HF_HUB_OFFLINE=1 $(PY) train.py --config=quickstart $(ARGS)
 
-# The README's test command, `python -m pytest -q tests`, offline.
+# The README's test commands, offline: the fast tier, then everything.
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
+
 test: $(TEST_STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(or $(PYTEST_ARGS),tests)
+	$(PYTEST) -m "not slow" $(or $(PYTEST_ARGS),tests)
+
+test-all: $(TEST_STAMP)
+	$(PYTEST) $(or $(PYTEST_ARGS),tests)
 
 install: $(RUNTIME_STAMP)
 install-test: $(TEST_STAMP)

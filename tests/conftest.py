@@ -1,4 +1,10 @@
-"""Shared fixtures: tiny random BERTs and the offline MiniLM weights."""
+"""Shared fixtures: tiny random BERTs, the offline MiniLM weights, one tiny trained workdir.
+
+Markers: ``slow`` marks the end-to-end runs that start subprocesses (train.py,
+eval.py, serve.py, notebook kernels, launched hosts) or train a model, the
+tests that read ``tiny_classifier_run``'s workdir included; ``make test``
+leaves them out (``-m "not slow"``), ``make test-all`` runs them too.
+"""
 
 import atexit
 import os
@@ -105,3 +111,25 @@ def tiny_config(model_dir, data_dir, **overrides):
   for k, v in values.items():
     config[k] = v
   return config
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_run(tiny_model_dir, tiny_sst2_dir, tmp_path_factory):
+  """Trains the tiny classifier once per session; returns (workdir, final metrics).
+
+  The recipe is ``tiny_config`` unchanged: 2 epochs, 18 steps, the ACC profile.
+  Read it only: a test that writes into a workdir (eval results, executable
+  caches, latency tables) takes ``tiny_classifier_workdir``.
+  """
+  from latadj_jax.training import classifier
+  workdir = tmp_path_factory.mktemp("tiny_classifier")
+  metrics = classifier.train_and_evaluate(tiny_config(tiny_model_dir, tiny_sst2_dir), workdir)
+  return workdir, metrics
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier_workdir(tiny_classifier_run, tmp_path_factory) -> Path:
+  """Returns this test module's own copy of the session's tiny trained workdir, to write into."""
+  copy = tmp_path_factory.mktemp("tiny_classifier_copy") / "workdir"
+  shutil.copytree(tiny_classifier_run[0], copy)
+  return copy

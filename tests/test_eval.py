@@ -1,4 +1,7 @@
-"""Offline tuning, the executable cache and the CLIs' error messages (issues 3 and 4)."""
+"""Offline tuning, the executable cache and eval.py's error messages (issues 3 and 4).
+
+Every test here reads a trained workdir or starts eval.py: the whole module is slow.
+"""
 
 import json
 import os
@@ -12,19 +15,17 @@ import pytest
 
 from latadj_jax.core import schedule
 from latadj_jax.data import splits
-from latadj_jax.training import classifier
 from latadj_jax.tuning import evaluate, offline
-
-from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
-def workdir(tiny_model_dir, tiny_sst2_dir, tmp_path_factory):
-  wd = tmp_path_factory.mktemp("evalrun")
-  classifier.train_and_evaluate(tiny_config(tiny_model_dir, tiny_sst2_dir, num_epochs=1), wd)
-  return wd
+def workdir(tiny_classifier_workdir):
+  """The session's tiny trained workdir, this module's copy (eval.py writes its results there)."""
+  return tiny_classifier_workdir
 
 
 def _classifier(workdir):
@@ -106,34 +107,6 @@ def test_workdir_without_checkpoint_is_a_one_line_error(tmp_path):
   proc = _eval_cli("--workdir", str(tmp_path), "--coeff", "0.9")
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert "not a training workdir" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-
-
-def _train_cli(*args):
-  env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-  return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=120)
-
-
-def test_train_cli_errors_are_one_line(tiny_model_dir, tmp_path):
-  unknown = _train_cli("--config=nope")
-  assert unknown.returncode == 2 and "unknown config 'nope'" in unknown.stderr
-  assert "glue_sst2" in unknown.stderr and "Traceback" not in unknown.stderr
-  bad = _train_cli("--config=glue_sst2", "--config.coeff=0", f"--workdir={tmp_path}")
-  assert bad.returncode == 2 and "coeff" in bad.stderr and "Traceback" not in bad.stderr
-  missing = _train_cli("--config=glue_sst2", f"--config.model={tiny_model_dir}",
-                       f"--config.data_dir={tmp_path / 'no_such_dir'}", f"--workdir={tmp_path}")
-  assert missing.returncode == 2 and "no_such_dir" in missing.stderr
-  assert "Traceback" not in missing.stderr
-
-
-def test_hub_unreachable_fails_fast_with_guidance(tmp_path):
-  import time
-  start = time.time()
-  proc = _train_cli("--config=glue_sst2", f"--workdir={tmp_path}")  # HF_HUB_OFFLINE=1
-  assert time.time() - start < 30
-  assert proc.returncode == 2 and "Traceback" not in proc.stderr
-  assert "bert-base-uncased" in proc.stderr
-  assert "--config.model=DIR" in proc.stderr and "--config.data_dir=DIR" in proc.stderr
 
 
 def test_executables_serialized_to_disk_load_without_lowering(workdir, tmp_path):

@@ -22,6 +22,7 @@ from conftest import make_sentences
 from fake_hub import FakeHub
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test starts train.py or eval.py
 # Shrinks the run; none of these names a local model or data source.
 SMALL = ["--config.max_len=32", "--config.buckets=(16,32)", "--config.batch_size=8",
          "--config.eval_batch_size=8", "--config.max_steps=2", "--config.eval_every_epoch=false",

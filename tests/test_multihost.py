@@ -162,6 +162,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_launcher_sets_env_prefixes_output_and_stops_the_others_on_failure(tmp_path):
   script = tmp_path / "child.py"
   script.write_text(CHILD)
@@ -218,6 +219,7 @@ def bert_resumed(bert_killed, bert_config, tmp_path_factory) -> tuple[Path, str,
   return workdir, out, logits
 
 
+@pytest.mark.slow
 def test_killing_one_process_ends_the_run_fast_and_keeps_the_last_checkpoint(bert_killed):
   workdir, rc, out, after_kill = bert_killed
   assert after_kill is not None, out[-5000:]  # process 1 reached the step-6 checkpoint and died
@@ -227,6 +229,7 @@ def test_killing_one_process_ends_the_run_fast_and_keeps_the_last_checkpoint(ber
   assert max(s for s, _ in _losses(workdir)) == 6
 
 
+@pytest.mark.slow
 def test_two_processes_resume_and_train_the_one_process_model(bert_ref, bert_resumed):
   workdir, out, _ = bert_resumed
   assert "[p0] resumed from step 6" in out and "[p1] resumed from step 6" in out
@@ -241,6 +244,7 @@ def test_two_processes_resume_and_train_the_one_process_model(bert_ref, bert_res
   _assert_same_params(a.pre.params, b.pre.params)
 
 
+@pytest.mark.slow
 def test_acc_profile_and_uneven_dev_metrics_equal_one_process(bert_ref, bert_resumed, bert_config):
   workdir = bert_resumed[0]
   r = offline.restore(workdir)
@@ -266,6 +270,7 @@ def test_acc_profile_and_uneven_dev_metrics_equal_one_process(bert_ref, bert_res
   assert row["accuracy"] == pytest.approx(ev_ours["eval_accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_two_process_checkpoint_serves_in_one_process(bert_ref, bert_resumed):
   from latadj_jax.serving import predictor
   texts = [s for s, _ in make_sentences(5, seed=7)]
@@ -274,6 +279,7 @@ def test_two_process_checkpoint_serves_in_one_process(bert_ref, bert_resumed):
   np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_one_process_checkpoint_resumes_in_two(bert_ref, bert_config, tmp_path):
   workdir = tmp_path / "from_one"
   shutil.copytree(bert_ref, workdir)
@@ -285,6 +291,7 @@ def test_one_process_checkpoint_resumes_in_two(bert_ref, bert_config, tmp_path):
 
 
 # --- the LM trainer ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_lm_two_processes_match_one_process(text_dir, tmp_path):  # noqa: F811
   config = tiny_lm_config(text_dir, eval_batch_size=4, max_eval_examples=12, profile_batches=1,
                           log_every=1)  # 3 eval batches; process 1 profiles nothing

@@ -37,6 +37,7 @@ def test_every_notebook_is_covered():
   assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(EXPECTED_PNGS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED_PNGS))
 def test_notebook_runs_and_writes_its_figures(name, tmp_path):
   nb = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -61,6 +62,7 @@ def test_committed_notebooks_carry_no_outputs():
         assert not cell.outputs and cell.execution_count is None, f"{name} has outputs; strip them"
 
 
+@pytest.mark.slow
 def test_a_raising_cell_fails_the_run(tmp_path):
   marker = tmp_path / "after.txt"
   nb = nbformat.v4.new_notebook(cells=[
@@ -74,6 +76,7 @@ def test_a_raising_cell_fails_the_run(tmp_path):
   assert not marker.exists(), "cells after the failing one must not run"
 
 
+@pytest.mark.slow
 def test_a_raising_cell_in_a_real_notebook_fails_the_run(tmp_path):
   # The first notebook with an error right after its settings cell: the runner must stop there.
   nb = nbformat.read(NOTEBOOKS / "01_acc_analysis.ipynb", as_version=4)

@@ -44,6 +44,7 @@ def test_lm_text_runs_on_its_shipped_sample():
   assert "Macbeth" in train[0] and "Scone" in dev[0]  # the play's last line is held out
 
 
+@pytest.mark.slow
 def test_notebooks_write_next_to_themselves_from_any_working_directory(tmp_path):
   # Each notebook's settings cell, run with the kernel in an unrelated directory and no
   # LATADJ_NOTEBOOK_OUT, must point its outputs at notebooks/outputs.

@@ -10,7 +10,13 @@ from latadj_jax.data import pipeline, splits
 from latadj_jax.serving import predictor
 from latadj_jax.tuning import evaluate, offline, targets
 
-from test_eval import _eval_cli, workdir  # noqa: F401  (the tiny trained workdir, trained once here)
+from test_eval import _eval_cli
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_classifier_workdir):
+  """The session's tiny trained workdir, this module's copy (calibration writes there)."""
+  return tiny_classifier_workdir
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +39,7 @@ def _eval_logits(r, enc, schedules, cache):
   return offline.classifier(r, enc, cache).predict(schedules)
 
 
+@pytest.mark.slow
 def test_predictor_equals_eval_predictions_in_input_order(workdir, dev, cache):
   r, ex, enc = dev
   lengths = {pipeline.bucket_of(len(ids), r.buckets) for ids in enc.input_ids}
@@ -48,6 +55,7 @@ def test_predictor_equals_eval_predictions_in_input_order(workdir, dev, cache):
   assert out.scores is None
 
 
+@pytest.mark.slow
 def test_speedup_target_agrees_with_eval_cli(workdir, dev, cache):
   r, ex, enc = dev
   p = predictor.Predictor.from_workdir(workdir, speedup=1.5, cache=cache)
@@ -64,6 +72,7 @@ def test_speedup_target_agrees_with_eval_cli(workdir, dev, cache):
   assert row["accuracy"] == pytest.approx(np.mean(out.labels == ex.labels))
 
 
+@pytest.mark.slow
 def test_docstring_example_runs_and_warmup_compiles_every_bucket(workdir):
   runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
   (test,) = [t for t in doctest.DocTestFinder().find(
@@ -76,6 +85,7 @@ def test_docstring_example_runs_and_warmup_compiles_every_bucket(workdir):
   assert p.cache.stats.hits > 0
 
 
+@pytest.mark.slow
 def test_overlong_text_is_truncated_with_a_warning(workdir, cache):
   p = predictor.Predictor.from_workdir(workdir, cache=cache)
   long_text = " ".join(["the film was good"] * 20)  # 80 words, max_len 32
@@ -84,6 +94,7 @@ def test_overlong_text_is_truncated_with_a_warning(workdir, cache):
   assert out.labels.shape == (2,)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_clear_errors(workdir, cache):
   p = predictor.Predictor.from_workdir(workdir, cache=cache)
   with pytest.raises(ValueError, match=r"wrap a single text"):
@@ -104,6 +115,7 @@ def test_pairs_and_regression_outputs():
   assert reg.labels is None and reg.probabilities is None
 
 
+@pytest.mark.slow
 def test_impossible_targets_raise_before_loading(workdir):
   with pytest.raises(targets.TargetError, match="1000x is out of reach"):
     predictor.Predictor.from_workdir(workdir, speedup=1000)
@@ -113,6 +125,7 @@ def test_impossible_targets_raise_before_loading(workdir):
     predictor.Predictor.from_workdir(workdir, coeff=0.9, speedup=2)
 
 
+@pytest.mark.slow
 def test_cli_impossible_speedup_is_one_line(workdir):
   proc = _eval_cli("--workdir", str(workdir), "--speedup", "1000")
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -120,6 +133,7 @@ def test_cli_impossible_speedup_is_one_line(workdir):
   assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_calibration_and_latency_budget(workdir, dev, cache):
   r, ex, _ = dev
   path = offline.calibrate_workdir(workdir, points=3, repeats=1, cache=cache)

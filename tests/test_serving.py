@@ -596,12 +596,9 @@ def test_metrics_names_and_counts(live_server):
 # --- serve.py, a real server on 127.0.0.1 ------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, tiny_sst2_dir, tmp_path_factory):
-  from conftest import tiny_config
-  from latadj_jax.training import classifier
-  wd = tmp_path_factory.mktemp("serverun")
-  classifier.train_and_evaluate(tiny_config(tiny_model_dir, tiny_sst2_dir, num_epochs=1), wd)
-  return wd
+def trained(tiny_classifier_workdir):
+  """The session's tiny trained workdir, this module's copy: serve.py writes its caches there."""
+  return tiny_classifier_workdir
 
 
 def start_serve(workdir, port, *extra):
@@ -619,6 +616,7 @@ def stop(proc, sig=signal.SIGTERM, timeout=60) -> tuple[int, str]:
   return proc.returncode, out
 
 
+@pytest.mark.slow
 def test_serve_cli_second_start_loads_everything_and_sigterm_drains(trained):
   port = free_port()
   first = start_serve(trained, port)
@@ -660,6 +658,7 @@ def test_serve_cli_second_start_loads_everything_and_sigterm_drains(trained):
   assert code == 0, out
 
 
+@pytest.mark.slow
 def test_serve_cli_errors_are_one_line(tmp_path, trained):
   env = {**os.environ, "HF_HUB_OFFLINE": "1"}
   run = lambda *a: subprocess.run([sys.executable, "serve.py", *a], cwd=REPO, env=env,

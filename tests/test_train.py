@@ -1,4 +1,8 @@
-"""The training loop end to end on a tiny random BERT: checkpoints, resume, data parallelism (issue 3)."""
+"""The training loop end to end on a tiny random BERT: checkpoints, resume, data parallelism (issue 3).
+
+Also train.py's one-line errors. Every test here trains or starts a process: the whole
+module is slow.
+"""
 
 import json
 import os
@@ -18,6 +22,8 @@ from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow
+
 
 def _params(workdir):
   from latadj_jax.tuning import offline
@@ -25,11 +31,9 @@ def _params(workdir):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, tiny_sst2_dir, tmp_path_factory):
-  """Returns the workdir of an uninterrupted tiny run (2 epochs, 2 buckets)."""
-  workdir = tmp_path_factory.mktemp("run")
-  metrics = classifier.train_and_evaluate(tiny_config(tiny_model_dir, tiny_sst2_dir), workdir)
-  return workdir, metrics
+def trained(tiny_classifier_run):
+  """Returns (workdir, metrics) of an uninterrupted tiny run (2 epochs, 2 buckets), read only."""
+  return tiny_classifier_run
 
 
 def test_run_writes_everything_eval_needs(trained):
@@ -158,3 +162,31 @@ def test_each_bucket_compiles_its_step_once(tiny_model_dir, tiny_sst2_dir, tmp_p
   monkeypatch.setattr(classifier, "compiled_step", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
   classifier.train_and_evaluate(tiny_config(tiny_model_dir, tiny_sst2_dir, num_epochs=1), tmp_path)
   assert len(built) == 2 and all(fn._cache_size() == 1 for fn in built)  # buckets 16 and 32
+
+
+def _train_cli(*args):
+  env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+  return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_train_cli_errors_are_one_line(tiny_model_dir, tmp_path):
+  unknown = _train_cli("--config=nope")
+  assert unknown.returncode == 2 and "unknown config 'nope'" in unknown.stderr
+  assert "glue_sst2" in unknown.stderr and "Traceback" not in unknown.stderr
+  bad = _train_cli("--config=glue_sst2", "--config.coeff=0", f"--workdir={tmp_path}")
+  assert bad.returncode == 2 and "coeff" in bad.stderr and "Traceback" not in bad.stderr
+  missing = _train_cli("--config=glue_sst2", f"--config.model={tiny_model_dir}",
+                       f"--config.data_dir={tmp_path / 'no_such_dir'}", f"--workdir={tmp_path}")
+  assert missing.returncode == 2 and "no_such_dir" in missing.stderr
+  assert "Traceback" not in missing.stderr
+
+
+def test_hub_unreachable_fails_fast_with_guidance(tmp_path):
+  import time
+  start = time.time()
+  proc = _train_cli("--config=glue_sst2", f"--workdir={tmp_path}")  # HF_HUB_OFFLINE=1
+  assert time.time() - start < 30
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "bert-base-uncased" in proc.stderr
+  assert "--config.model=DIR" in proc.stderr and "--config.data_dir=DIR" in proc.stderr
