@@ -6,9 +6,14 @@ This file is intentionally short: the loop lives in ``latadj_jax.training``.
 """
 
 import argparse
+import importlib
 from pathlib import Path
 
 from latadj_jax.runtime import cli, config_lib
+
+# config.run -> its trainer in latadj_jax.training: causal LMs train on their survivors'
+# next-token loss, classifiers on the labels.
+TRAINERS = {"classifier": "classifier", "lm": "lm"}
 
 
 def main(argv: list[str]) -> int:
@@ -21,23 +26,20 @@ def main(argv: list[str]) -> int:
     raise config_lib.ConfigError(
         f"pass --config=NAME; available: {', '.join(config_lib.available())}")
   config = config_lib.override(config_lib.load(name), overrides)
+  if config.run not in TRAINERS:
+    raise config_lib.ConfigError(f"config {name!r} is a training-free {config.run} run: "
+                                 f"python eval.py --config={name}")
   workdir = Path(args.workdir or Path("workdirs") / config.name)
   print(f"workdir: {workdir}")
-  from latadj_jax.data import sources
-  from latadj_jax.models import checkpoints
-  # After the argument checks: importing JAX takes seconds. Causal LMs train on their survivors'
-  # next-token loss (training.lm), classifiers on the labels (training.classifier).
-  from latadj_jax.runtime import xla_cache
-  from latadj_jax.training import classifier, lm
+  # After the argument checks: importing JAX takes seconds.
+  from latadj_jax.runtime import hub, xla_cache
+  trainer = importlib.import_module(f"latadj_jax.training.{TRAINERS[config.run]}")
   xla_cache.setup_from_config(config.get("compilation_cache", "default"))
   log = xla_cache.compile_log()
-  trainer = lm if config.get("task") == "lm" else classifier
   try:
     trainer.train_and_evaluate(config, workdir)
     print(log)
-  except (checkpoints.CheckpointError, sources.DataUnavailableError) as e:
-    if "hub" not in str(e):  # a bad local file or path: its message names the fix
-      raise
+  except hub.HubError as e:  # a bad local file or path raises another error, naming its fix
     raise type(e)(f"{e}\nFor a fully offline run, pass local weights and data: "
                   f"python train.py --config={config.name} --config.model=DIR "
                   f"--config.data_dir=DIR, or try python train.py --config=quickstart") from None

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latadj_jax import models
 from latadj_jax.core import schedule
-from latadj_jax.models import bert, checkpoints
 from latadj_jax.runtime import timing
 from latadj_jax.runtime import workdir as wd
 
@@ -91,20 +91,17 @@ def shape_list(args: argparse.Namespace) -> list[tuple[int, int]]:
 
 
 def torch_and_flax(layers: int, dtype: str):
-  """Returns ``(hf_model, module, params)``: HF BERT-base with random weights and ours holding them."""
+  """Returns ``(hf_model, model, params)``: HF BERT-base with random weights, ours holding them."""
   import torch
   import transformers
   torch.manual_seed(0)
   hf = transformers.BertModel(transformers.BertConfig(num_hidden_layers=layers)).eval()
-  cfg = bert.BertConfig(num_hidden_layers=layers, dtype=dtype, param_dtype=dtype)
-  module = bert.BertModule(cfg)
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32))["params"]
+  model = models.build(hf.config.to_dict(), "none", dtype=dtype, param_dtype=dtype)
   tensors = {k: v.numpy() for k, v in hf.state_dict().items()}
-  params, report = checkpoints.load_weights(shapes, tensors, "torch", bert.torch_name_map,
-                                            bert.BASE_PREFIX)
+  params, report = models.load_tensors(model.abstract_params(), model.family, tensors, "torch")
   if report.missing:
     raise RuntimeError(f"weights not copied: {report.missing}")
-  return hf, module, jax.tree.map(jnp.asarray, params)
+  return hf, model, jax.tree.map(jnp.asarray, params)
 
 
 def inputs(batch: int, length: int, vocab: int, seed: int = 0):
@@ -113,11 +110,11 @@ def inputs(batch: int, length: int, vocab: int, seed: int = 0):
   return ids, np.ones_like(ids), np.zeros_like(ids)
 
 
-def compile_forward(module, params, arrays, counts):
+def compile_forward(model, params, arrays, counts):
   """Returns our compiled forward (last hidden state and pooler output) for one schedule."""
   def forward(p, ids, mask, types):
-    out = module.apply({"params": p}, ids, mask, types, keep_counts=counts)
-    return out["last_hidden_state"], out["pooler_output"]
+    out = model.apply(p, models.Batch(ids, mask, types), counts)
+    return out.last_hidden_state, out.pooled
   return jax.jit(forward).lower(params, *arrays).compile()
 
 
@@ -188,15 +185,15 @@ def ort_forward(session, arrays):
   return lambda: session.run(["last_hidden_state"], feed)[0]
 
 
-def run_shape(args, hf, module, params, batch: int, length: int, ks, profile,
+def run_shape(args, hf, model, params, batch: int, length: int, ks, profile,
               session=None) -> dict:
   """Returns one result row: PyTorch and our latencies at every k for one (batch, length).
 
   With an ONNX Runtime ``session``, ORT and our k = 1 are timed again in a pair
   of their own, after the PyTorch group.
   """
-  arrays = inputs(batch, length, module.config.vocab_size)
-  L = module.config.num_hidden_layers
+  arrays = inputs(batch, length, model.vocab_size)
+  L = model.num_layers
   pytorch = torch_forward(hf, arrays, args.dtype)
 
   schedules = {"k=1 flat": (length,) * L}
@@ -204,7 +201,7 @@ def run_shape(args, hf, module, params, batch: int, length: int, ks, profile,
   fns, compiled, compile_s = {"pytorch": pytorch}, {}, {}
   for name, counts in schedules.items():
     t0 = time.perf_counter()
-    compiled[name] = compile_forward(module, params, arrays, counts)
+    compiled[name] = compile_forward(model, params, arrays, counts)
     compile_s[name] = time.perf_counter() - t0
     fns[name] = lambda c=compiled[name]: c(params, *arrays)
   ours = np.asarray(compiled["k=1 flat"](params, *arrays)[0], np.float32)
@@ -251,7 +248,7 @@ def run(args: argparse.Namespace) -> dict:
   import torch
   import transformers
   ks = [float(k) for k in args.ks.split(",")] if args.ks else []
-  hf, module, params = torch_and_flax(args.layers, args.dtype)
+  hf, model, params = torch_and_flax(args.layers, args.dtype)
   profile = spread_profile(QUICKSTART_EP, args.layers) if args.layers % 6 == 0 else \
       schedule.flat_profile(args.layers)
   session = None
@@ -259,7 +256,7 @@ def run(args: argparse.Namespace) -> dict:
     import tempfile
     tmp = tempfile.TemporaryDirectory()
     session = ort_session(hf, Path(tmp.name))
-  rows = [run_shape(args, hf, module, params, b, n, ks, profile, session)
+  rows = [run_shape(args, hf, model, params, b, n, ks, profile, session)
           for b, n in shape_list(args)]
   return {
       "benchmark": "compare_pytorch",

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latadj_jax import models
 from latadj_jax.core import elimination, schedule
-from latadj_jax.models import bert
 from latadj_jax.runtime import timing
 from latadj_jax.runtime import workdir as wd
 
@@ -74,36 +74,42 @@ def _keep_leading(sv_BxN, valid_BxN, protect_BxN, n_keep, *arrays_BxN_, method="
 
 @contextlib.contextmanager
 def selection_cut_out():
-  """Traces BERT with no score vector, top-k or gather; the same keep counts (a benchmark control)."""
-  zeros = lambda probs, valid, *a, **k: jnp.zeros(valid.shape, jnp.float32)
+  """Traces BERT with no score vector, top-k or gather; the same keep counts (a benchmark control).
+
+  ``stack.run`` asks ``score_queries`` which column sums the attention should
+  accumulate (none, here), ranks with ``ranking`` and keeps with ``eliminate``.
+  """
+  zeros = lambda rule, colsums, valid, *a, **k: jnp.zeros(valid.shape, jnp.float32)
   with mock.patch.object(elimination, "eliminate", _keep_leading), \
-       mock.patch.object(elimination, "score_vector", zeros):
+       mock.patch.object(elimination, "score_queries", lambda *a, **k: {}), \
+       mock.patch.object(elimination, "ranking", zeros):
     yield
 
 
-def compile_forward(module, params, arrays, counts, select: bool = True):
+def compile_forward(model, params, arrays, counts, select: bool = True):
   def forward(p, ids, mask):
-    out = module.apply({"params": p}, ids, mask, keep_counts=counts)
-    return out["last_hidden_state"], out["pooler_output"]
+    out = model.apply(p, models.Batch(ids, mask), counts)
+    return out.last_hidden_state, out.pooled
   ctx = contextlib.nullcontext() if select else selection_cut_out()
   with ctx:
     return jax.jit(forward).lower(params, *arrays).compile()
 
 
-def run_shape(args, modules, params, batch: int, length: int, ks, onehot_ks, profile) -> dict:
+def run_shape(args, by_selection, params, batch: int, length: int, ks, onehot_ks,
+              profile) -> dict:
   """Returns one row: times, FLOPs and speedups of every variant at one (batch, length)."""
   L = args.layers
-  arrays = inputs(batch, length, modules["gather"].config.vocab_size)[:2]
-  variants = {"base": (modules["gather"], (length,) * L, True)}
+  arrays = inputs(batch, length, by_selection["gather"].vocab_size)[:2]
+  variants = {"base": (by_selection["gather"], (length,) * L, True)}
   for k in ks:
     counts = schedule.keep_counts(length, k, profile)
-    variants[f"k={k}"] = (modules["gather"], counts, True)
-    variants[f"k={k} no-select"] = (modules["gather"], counts, False)
+    variants[f"k={k}"] = (by_selection["gather"], counts, True)
+    variants[f"k={k} no-select"] = (by_selection["gather"], counts, False)
     if k in onehot_ks:
-      variants[f"k={k} onehot"] = (modules["onehot"], counts, True)
+      variants[f"k={k} onehot"] = (by_selection["onehot"], counts, True)
   compiled, flops = {}, {}
-  for name, (module, counts, select) in variants.items():
-    compiled[name] = compile_forward(module, params, arrays, counts, select)
+  for name, (model, counts, select) in variants.items():
+    compiled[name] = compile_forward(model, params, arrays, counts, select)
     flops[name] = timing.compiled_flops(compiled[name])
   fns = {name: (lambda c=c: c(params, *arrays)) for name, c in compiled.items()}
   load = os.getloadavg()[0]
@@ -138,16 +144,16 @@ def run_shape(args, modules, params, batch: int, length: int, ks, onehot_ks, pro
 def run(args: argparse.Namespace) -> dict:
   ks = [float(k) for k in args.ks.split(",")]
   onehot_ks = [float(k) for k in args.onehot_ks.split(",")] if args.onehot_ks else []
-  cfg = bert.BertConfig(num_hidden_layers=args.layers)
-  modules = {m: bert.BertModule(bert.BertConfig(num_hidden_layers=args.layers, selection=m))
-             for m in ("gather", "onehot")}
-  params = jax.jit(modules["gather"].init)(jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32))["params"]
+  by_selection = {m: models.build({"model_type": "bert", "num_hidden_layers": args.layers}, "none",
+                                  selection=m) for m in ("gather", "onehot")}
+  cfg = by_selection["gather"].config
+  params = by_selection["gather"].init(0)
   profile = spread_profile(QUICKSTART_EP, args.layers)
   if args.shapes:
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
   else:
     shapes = [(b, n) for b in map(int, args.batches.split(",")) for n in map(int, args.lengths.split(","))]
-  rows = [run_shape(args, modules, params, b, n, ks, onehot_ks, profile)
+  rows = [run_shape(args, by_selection, params, b, n, ks, onehot_ks, profile)
           for b, n in sorted(shapes, key=lambda bn: (bn[0] * bn[1], bn[1]))]
   return {
       "benchmark": "elimination_scaling",

@@ -88,8 +88,7 @@ def write_tiny_t5(out_dir: Path, vocab_size: int, layers: int, d_model: int = 64
                "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu",
                "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1,
                "decoder_start_token_id": 0}
-  module, _, dummy = models.build(hf_config)
-  params = models.init_params(module, dummy, seed)
+  params = models.build(hf_config).init(seed)
   (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
   (out_dir / "flax_model.msgpack").write_bytes(serialization.to_bytes(params))
   return hf_config

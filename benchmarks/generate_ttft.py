@@ -27,7 +27,7 @@ import numpy as np
 
 from latadj_jax.core import schedule
 from latadj_jax.data import text
-from latadj_jax.models import gpt2_generate as gen
+from latadj_jax.models import generate as gen
 from latadj_jax.runtime import timing
 from latadj_jax.tasks import lm_eval
 from latadj_jax.tuning import offline
@@ -51,11 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def prompt_ids(args, r: lm_eval.RestoredLM) -> np.ndarray:
   """Returns the prompt's token ids, cut to ``--prompt_len`` (and to what the positions allow)."""
   config = r.run.config
-  room = r.module.config.n_positions - args.new_tokens
+  room = r.model.max_positions - args.new_tokens
   n = min(args.prompt_len or config.block_size, room)
   if n < 1:
     raise ValueError(f"--new_tokens {args.new_tokens} leaves no room for a prompt in "
-                     f"{r.module.config.n_positions} positions")
+                     f"{r.model.max_positions} positions")
   if args.prompt or args.prompt_file:
     prompt = args.prompt or Path(args.prompt_file).read_text()
     ids = np.asarray(r.tokenizer(prompt, add_special_tokens=False)["input_ids"], np.int32)
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
   """Returns the results dict: settings, device and one row per k."""
   r = lm_eval.restore(args.workdir)
   coeffs = offline.parse_coeffs(args.coeff)
-  n_layer = r.module.config.n_layer
+  n_layer = r.model.num_layers
   profile = (schedule.parse_profile(args.profile, n_layer) if args.profile else r.run.profile)
   ids = prompt_ids(args, r)
   N, T = len(ids), args.new_tokens
@@ -75,12 +75,12 @@ def run(args: argparse.Namespace) -> dict:
   mask_BxN = jnp.ones_like(ids_BxN)
   rng = jax.random.PRNGKey(0)
   base_counts = schedule.keep_counts(N, 1.0, schedule.flat_profile(n_layer))
-  base_flops = timing.compiled_flops(gen.prefill_fn(r.module, base_counts, T).lower(
+  base_flops = timing.compiled_flops(gen.prefill_fn(r.model, base_counts, T).lower(
       r.params, ids_BxN, mask_BxN, rng).compile())
   rows, fns = [], {}
   for k in coeffs:
     counts = schedule.keep_counts(N, k, profile)
-    ttft_fn, decode_fn = gen.prefill_fn(r.module, counts, T), gen.decode_fn(r.module, T)
+    ttft_fn, decode_fn = gen.prefill_fn(r.model, counts, T), gen.decode_fn(r.model, T)
     first, state = ttft_fn(r.params, ids_BxN, mask_BxN, rng)
     tokens, _ = decode_fn(r.params, first, state, rng)
     fns[f"ttft {k}"] = lambda f=ttft_fn: f(r.params, ids_BxN, mask_BxN, rng)[0]
@@ -106,9 +106,9 @@ def run(args: argparse.Namespace) -> dict:
           "workdir": str(r.run.workdir), "step": r.step,
           "settings": {"prompt_tokens": N, "new_tokens": T, "batch": args.batch,
                        "profile": list(profile), "repeats": args.repeats,
-                       "model": dict(n_layer=n_layer, n_embd=r.module.config.n_embd,
-                                     n_head=r.module.config.n_head,
-                                     vocab_size=r.module.config.vocab_size),
+                       "model": dict(n_layer=n_layer, n_embd=r.model.config.hidden_size,
+                                     n_head=r.model.config.num_attention_heads,
+                                     vocab_size=r.model.vocab_size),
                        "ttft": "prefill with elimination + KV caches + first greedy token",
                        "decode": f"{T - 1} greedy steps in one lax.fori_loop",
                        "tokens_per_s": "batch * new_tokens / (TTFT + decode)"},

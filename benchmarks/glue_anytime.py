@@ -186,15 +186,17 @@ def cache_check(args, mode: str, coeffs: str) -> dict:
 def fixed_length_sweep(workdir: Path, coeffs: str, repeats: int) -> list[dict]:
   """Returns sweep rows with every example padded to ``max_len``, as the paper pads."""
   from latadj_jax.data import splits
-  from latadj_jax.tuning import evaluate as ev
+  from latadj_jax.tasks import classify
   from latadj_jax.tuning import offline
+  from latadj_jax.tuning import sweep as tuning_sweep  # not this file's sweep()
   r = offline.restore(workdir)
   c = r.run.config
   (enc,) = splits.load_encoded_split(c, r.task, r.tokenizer, "validation", 0)
-  clf = ev.Classifier(r.pre.module, r.pre.params, enc, (c.max_len,), c.eval_batch_size,
-                      r.pre.config.num_hidden_layers, model_id=str(c.model), dtype=c.dtype)
-  return ev.sweep(clf, offline.parse_coeffs(coeffs), r.run.profile, r.task.metrics,
-                  r.task.is_regression, time_repeats=repeats, progress=False)
+  clf = classify.Classifier(r.pre.model, r.pre.params, enc, (c.max_len,), c.eval_batch_size,
+                            model_id=str(c.model), dtype=c.dtype,
+                            metric_names=tuple(r.task.metrics), is_regression=r.task.is_regression)
+  runs = tuning_sweep.plans(offline.parse_coeffs(coeffs), r.run.profile)
+  return tuning_sweep.sweep(clf, runs, repeats=repeats, progress=False)
 
 
 def step_time_ratio(args, teachers: list[str], rounds: int = 8, steps: int = 5) -> dict:
@@ -216,13 +218,13 @@ def step_time_ratio(args, teachers: list[str], rounds: int = 8, steps: int = 5) 
                attention_mask=np.ones((32, 32), np.int32), token_type_ids=np.zeros((32, 32), np.int32),
                labels=rng.integers(0, 2, 32).astype(np.int32) if not task.is_regression
                else rng.random(32).astype(np.float32), weights=np.ones(32, np.float32))
-  k1 = classifier.compiled_step(mesh, pre.module, schedule.keep_counts(32, 1.0, profile),
+  k1 = classifier.compiled_step(mesh, pre.model, schedule.keep_counts(32, 1.0, profile),
                            task.is_regression)
   fns = {"k1": (lambda s: k1(s, loop.shard_batch(batch, mesh), jax.random.PRNGKey(0)), 1, False)}
   for teacher in teachers:
     spec = anytime.AnytimeSpec(anytime.parse_coeffs(args.train_coeffs), args.anytime_samples,
                                teacher=teacher, always=(1.0,))
-    step = classifier.make_anytime_step(mesh, module=pre.module, spec=spec, profile=profile,
+    step = classifier.make_anytime_step(mesh, model=pre.model, spec=spec, profile=profile,
                                    buckets=(32,), is_regression=task.is_regression, seed=0)
     fns[teacher] = (functools.partial(lambda step, s: step(s, batch, jax.random.PRNGKey(0)), step),
                     len(spec.draws()), teacher == "frozen")
@@ -230,7 +232,7 @@ def step_time_ratio(args, teachers: list[str], rounds: int = 8, steps: int = 5) 
   states = {}
   for name, (fn, draws, frozen) in fns.items():
     state = loop._replicate(loop.TrainState.create(
-        apply_fn=pre.module.apply, params=jax.tree.map(jnp.copy, pre.params),
+        apply_fn=None, params=jax.tree.map(jnp.copy, pre.params),
         tx=loop.make_optimizer(config, 1000),
         frozen=jax.tree.map(jnp.copy, pre.params) if frozen else None), mesh)
     for _ in range(draws * 3):  # compile every draw before timing

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latadj_jax import models
 from latadj_jax.core import schedule
-from latadj_jax.models import gpt2
-from latadj_jax.models import gpt2_generate as gen
+from latadj_jax.models import generate as gen
 from latadj_jax.runtime import timing
 
 
@@ -49,24 +49,24 @@ def run(args: argparse.Namespace) -> dict:
   """Returns the results dict: settings, device and one row per k."""
   ks = [float(k) for k in args.ks.split(",")]
   T, N = args.new_tokens, args.seq_len
-  cfg = gpt2.GPT2Config(n_layer=args.layers, n_positions=N + T)
-  module = gpt2.GPT2LMHeadModel(cfg)
-  params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32))["params"]
+  model = models.build({"model_type": "gpt2", "n_layer": args.layers, "n_positions": N + T})
+  cfg = model.config
+  params = model.init(0)
   ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, N)), jnp.int32)
   mask, rng = jnp.ones((1, N), jnp.int32), jax.random.PRNGKey(0)
 
   rows, prefill, ttft, decode = [], {}, {}, {}
   for k in ks:
-    counts = schedule.keep_counts(N, k, schedule.flat_profile(cfg.n_layer))
+    counts = schedule.keep_counts(N, k, schedule.flat_profile(model.num_layers))
     # The prompt forward alone; the caches it also returns are dropped by XLA here.
-    forward = jax.jit(lambda p, i, m, c=counts: module.apply(
-        {"params": p}, i, m, c, method=gpt2.GPT2LMHeadModel.prefill)[0])
+    forward = jax.jit(lambda p, i, m, c=counts: model.method(
+        "prefill", p, models.Batch(i, m), c)[0])
     t0 = time.perf_counter()
     compiled = forward.lower(params, ids, mask).compile()
     compile_s = time.perf_counter() - t0
-    ttft_fn = gen.prefill_fn(module, counts, T)
+    ttft_fn = gen.prefill_fn(model, counts, T)
     first, state = ttft_fn(params, ids, mask, rng)
-    decode_fn = gen.decode_fn(module, T)
+    decode_fn = gen.decode_fn(model, T)
     timing.block(decode_fn(params, first, state, rng))
     name = f"k={k}"
     prefill[name] = lambda c=compiled: c(params, ids, mask)
@@ -100,9 +100,11 @@ def run(args: argparse.Namespace) -> dict:
       "command": "python " + " ".join(sys.argv),
       "device": timing.device_name(),
       "jax_version": jax.__version__,
-      "settings": {"model": "GPT-2-small-shaped, random weights", "n_layer": cfg.n_layer,
-                   "n_embd": cfg.n_embd, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size,
-                   "n_positions": cfg.n_positions, "batch": 1, "seq_len": N, "new_tokens": T,
+      "settings": {"model": "GPT-2-small-shaped, random weights",
+                   "n_layer": cfg.num_hidden_layers, "n_embd": cfg.hidden_size,
+                   "n_head": cfg.num_attention_heads, "vocab_size": cfg.vocab_size,
+                   "n_positions": cfg.max_position_embeddings, "batch": 1, "seq_len": N,
+                   "new_tokens": T,
                    "profile": "flat (R_l = k): no meaningful ACC to fit with random weights",
                    "repeats": args.repeats, "dtype": cfg.dtype,
                    "timing": "median of interleaved rounds (latadj_jax.runtime.timing.interleaved_medians)",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import json
 import re
@@ -27,16 +28,59 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latadj_jax.core import schedule
+from latadj_jax import models
+from latadj_jax.core import elimination, schedule
+from latadj_jax.models import stack
 from latadj_jax.runtime import timing
 
 CATEGORIES = ("attention", "scores", "select", "dense", "other")
-_LAYER = re.compile(r"/(?:h|layers|layer|block)/(\d+)/")
+_LAYER = re.compile(r"/layer_(\d+)/")
+
+
+@contextlib.contextmanager
+def layer_scopes():
+  """Traces layer ``i``'s ops, its Sort+Eliminate included, under the named scope ``layer_i``.
+
+  ``stack.run`` selects between a layer's ``attend`` and ``finish``, outside
+  the layer's module, and T5's blocks name no index in their scope; so each
+  layer's two halves and the ``elimination.ranking`` and ``eliminate`` calls
+  between them are wrapped here. The compiled program is unchanged.
+  """
+  run, ranking, eliminate = stack.run, elimination.ranking, elimination.eliminate
+  current = [0]
+
+  class Scoped:
+    def __init__(self, layer, i):
+      self.layer, self.i = layer, i
+
+    def attend(self, *args):
+      current[0] = self.i
+      with jax.named_scope(f"layer_{self.i}"):
+        return self.layer.attend(*args)
+
+    def finish(self, *args):
+      with jax.named_scope(f"layer_{self.i}"):
+        return self.layer.finish(*args)
+
+  def in_layer(fn):
+    def scoped(*args, **kwargs):
+      with jax.named_scope(f"layer_{current[0]}"):
+        return fn(*args, **kwargs)
+    return scoped
+
+  def scoped_run(layers, *args, **kwargs):
+    return run([Scoped(layer, i) for i, layer in enumerate(layers)], *args, **kwargs)
+
+  with mock.patch.object(stack, "run", scoped_run), \
+       mock.patch.object(elimination, "ranking", in_layer(ranking)), \
+       mock.patch.object(elimination, "eliminate", in_layer(eliminate)):
+    yield
 
 
 def category(op_name: str, opcode_text: str) -> str:
@@ -101,52 +145,48 @@ def breakdown(fn, args, rounds: int = 3, jit_kwargs: dict | None = None) -> dict
 def build(args):
   """Returns (forward(counts) -> f(params, ids, mask), params, ids, mask, n_layers, jit kwargs).
 
-  The jit kwargs are the family's own compiler options (``lm_head.jit_options``).
+  The jit kwargs are the model's own compiler options (``Model.jit_options``).
   """
   rng = np.random.default_rng(0)
   B, N = args.batch, args.seq_len
-  if args.family == "gpt2":
-    from latadj_jax.models import gpt2
-    cfg = gpt2.GPT2Config(n_positions=max(N, 1024), attention_block=args.attention_block)
-    module, L, V = gpt2.GPT2LMHeadModel(cfg), cfg.n_layer, cfg.vocab_size
-    method = gpt2.GPT2LMHeadModel.prefill
+  if args.family == "gpt2":  # GPT-2 small
+    model = models.build({"model_type": "gpt2", "n_positions": max(N, 1024)},
+                         attention_block=args.attention_block)
+    method = "prefill"
   elif args.family == "llama":  # SmolLM2-135M's shape
-    from latadj_jax.models import llama
-    cfg = llama.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                            num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                            max_position_embeddings=max(N, 2048), rope_theta=100000.0,
-                            tie_word_embeddings=True, survivors="last", keep_sinks=4,
-                            attention_block=args.attention_block)
-    module, L, V = llama.LlamaForCausalLM(cfg), cfg.num_hidden_layers, cfg.vocab_size
-    method = llama.LlamaForCausalLM.prefill
+    model = models.build({"model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
+                          "intermediate_size": 1536, "num_hidden_layers": 30,
+                          "num_attention_heads": 9, "num_key_value_heads": 3,
+                          "max_position_embeddings": max(N, 2048), "rope_theta": 100000.0,
+                          "tie_word_embeddings": True},
+                         survivors="last", keep_sinks=4, attention_block=args.attention_block)
+    method = "prefill"
   elif args.family == "t5":  # Flan-T5-base's encoder
-    from latadj_jax.models import t5
-    cfg = t5.T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12,
-                      num_heads=12, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                      attention_block=args.attention_block)
-    module, L, V = t5.T5ForConditionalGeneration(cfg), cfg.num_layers, cfg.vocab_size
-    method = t5.T5ForConditionalGeneration.encode
-  elif args.family == "bert":  # BERT-base
-    from latadj_jax.models import bert
-    cfg = bert.BertConfig(attention_block=args.attention_block, max_position_embeddings=max(N, 512))
-    module, L, V = bert.BertForSequenceClassification(cfg), cfg.num_hidden_layers, cfg.vocab_size
+    model = models.build({"model_type": "t5", "vocab_size": 32128, "d_model": 768, "d_kv": 64,
+                          "d_ff": 2048, "num_layers": 12, "num_heads": 12,
+                          "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False},
+                         attention_block=args.attention_block)
+    method = "encode"
+  elif args.family == "bert":  # BERT-base, classification logits
+    model = models.build({"model_type": "bert", "max_position_embeddings": max(N, 512)},
+                         attention_block=args.attention_block)
     method = None
   else:
     raise ValueError(f"unknown family {args.family!r}: gpt2, llama, t5 or bert")
-  ids = jnp.asarray(rng.integers(5, V, (B, N)), jnp.int32)
+  ids = jnp.asarray(rng.integers(5, model.vocab_size, (B, N)), jnp.int32)
   mask = jnp.ones((B, N), jnp.int32)
-  kw = {"method": method} if method is not None else {}
-  params = jax.jit(lambda i, m: module.init(jax.random.PRNGKey(0), i, m, **kw))(ids, mask)["params"]
-  params = jax.device_put(params)
+  params = jax.device_put(model.init(0))
 
   def forward(counts):
     def f(p, i, m):
-      out = module.apply({"params": p}, i, m, keep_counts=counts, **kw)
-      return out[0] if isinstance(out, tuple) else (
-          out["logits"] if "logits" in out else out["last_hidden_state"])
+      with layer_scopes():
+        batch = models.Batch(i, m)
+        if method is None:
+          return model.apply(p, batch, counts).logits
+        out = model.method(method, p, batch, counts)
+      return out[0] if isinstance(out, tuple) else out.last_hidden_state
     return f
-  from latadj_jax.models import lm_head
-  return forward, params, ids, mask, L, lm_head.jit_options(module)
+  return forward, params, ids, mask, model.num_layers, model.jit_options()
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -15,7 +15,6 @@ share of the needle's tokens that survive every layer.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -24,12 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latadj_jax import models
 from latadj_jax.core import schedule
+from latadj_jax.models import generate as gen
 from latadj_jax.models import gguf_loader
-from latadj_jax.models import llama_generate as gen
 from latadj_jax.runtime import timing, xla_cache
 from latadj_jax.runtime import workdir as wd
-from latadj_jax.tasks import continuation, passkey
+from latadj_jax.tasks import continuation, lm_eval, passkey
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,23 +63,23 @@ def k_for_speedup(n: int, layers: int, target: float, profile: str = "flat") -> 
   raise ValueError(f"no k reaches {target}x at {n} tokens with the {profile} profile")
 
 
-def answers(module, params, tokenizer, ids: np.ndarray, counts, new_tokens: int, batch: int):
+def answers(model, params, tokenizer, ids: np.ndarray, counts, new_tokens: int, batch: int):
   """Returns the decoded greedy answers of every prompt, ``batch`` prompts at a time."""
   out = []
   for s in range(0, len(ids), batch):
     rows = ids[s:s + batch]
     pad = np.concatenate([rows, np.repeat(rows[-1:], batch - len(rows), 0)])  # static shape
-    toks = np.asarray(gen.generate(module, params, pad, max_new_tokens=new_tokens,
+    toks = np.asarray(gen.generate(model, params, pad, max_new_tokens=new_tokens,
                                    keep_counts=counts)["tokens"])[:len(rows)]
     out += [tokenizer.decode(t.tolist(), skip_special_tokens=True) for t in toks]
   return out
 
 
-def needle_kept(module, params, ids: np.ndarray, counts, prompts: passkey.Prompts) -> list[float]:
+def needle_kept(model, params, ids: np.ndarray, counts, prompts: passkey.Prompts) -> list[float]:
   """Returns, per prompt, the fraction of the needle's tokens still there after the last layer."""
-  prefill = lambda p, i: module.apply({"params": p}, i, jnp.ones_like(i), counts,
-                                      method=type(module).prefill)[1]["positions"]
-  pos = np.asarray(jax.jit(prefill)(params, jnp.asarray(ids)))
+  prefill = lambda p, i: model.method("prefill", p, models.Batch(i, jnp.ones_like(i)),
+                                      counts)[1].positions
+  pos = np.asarray(jax.jit(prefill, **model.jit_options())(params, jnp.asarray(ids)))
   return [float(np.isin(np.arange(at, at + n), row).mean())
           for at, n, row in zip(prompts.needle_positions, prompts.needle_lengths, pos)]
 
@@ -88,14 +88,15 @@ def run(args) -> dict:
   if args.cache_dir:
     xla_cache.setup_compilation_cache(Path(args.cache_dir).expanduser())
   path = Path(args.model) if args.model else gguf_loader.packaged_smollm2()
-  pre, tokenizer = continuation.load_lm(str(path), "", "float32", {})
-  L = pre.config.num_hidden_layers
+  pre = models.from_pretrained(str(path), "lm", dtype="float32")
+  tokenizer = lm_eval.load_tokenizer(pre)
+  L = pre.model.num_layers
   depths = list(np.linspace(0.0, 1.0, args.prompts).round(3))
   rows = []
   for n in map(int, args.lengths.split(",")):
     prompts = passkey.make(tokenizer, n, depths, seed=n)
     t0 = time.perf_counter()
-    ref = answers(pre.module, pre.params, tokenizer, prompts.input_ids, None, args.new_tokens,
+    ref = answers(pre.model, pre.params, tokenizer, prompts.input_ids, None, args.new_tokens,
                   args.batch_size)
     rows.append({"length": n, "rule": "none", "k": 1.0, "expected_speedup": 1.0,
                  "exact_match": passkey.exact_match(ref, prompts.keys), "answers": ref,
@@ -105,11 +106,11 @@ def run(args) -> dict:
       k = k_for_speedup(n, L, target, args.profile)
       counts = counts_for(n, L, args.profile, k)
       for rule in args.rules.split(","):
-        module = type(pre.module)(dataclasses.replace(pre.config, **continuation.rule_overrides(rule)))
+        model = pre.model.replace(**continuation.rule_overrides(rule))
         t0 = time.perf_counter()
-        got = answers(module, pre.params, tokenizer, prompts.input_ids, counts, args.new_tokens,
+        got = answers(model, pre.params, tokenizer, prompts.input_ids, counts, args.new_tokens,
                       args.batch_size)
-        kept = needle_kept(module, pre.params, prompts.input_ids, counts, prompts)
+        kept = needle_kept(model, pre.params, prompts.input_ids, counts, prompts)
         rows.append({"length": n, "rule": rule, "k": k, "target": target,
                      "expected_speedup": schedule.expected_speedup(n, counts),
                      "keep_counts": list(counts), "exact_match": passkey.exact_match(got, prompts.keys),

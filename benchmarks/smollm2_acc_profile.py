@@ -33,6 +33,7 @@ from latadj_jax.runtime import timing
 from latadj_jax.runtime import workdir as wd
 from latadj_jax.tasks import continuation
 from latadj_jax.tuning import plots
+from latadj_jax.tuning import profiles as tuning_profiles
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "shakespeare"
 RESULTS = Path(__file__).parent / "results"
@@ -58,7 +59,7 @@ def nll_rows(pre, cont, ks, profiles: dict, batch_size: int) -> list[dict]:
   """Returns one row per (profile, k): NLL, perplexity, agreement with k = 1, keep counts, eq. 7."""
   P = cont.prompts.shape[1]
   base_counts = schedule.keep_counts(P, 1.0, profiles["flat"])
-  done = {base_counts: continuation.scores(pre.module, pre.params, cont, base_counts, batch_size)}
+  done = {base_counts: continuation.scores(pre.model, pre.params, cont, base_counts, batch_size)}
   base_argmax = done[base_counts][1]
   rows = []
   for name, ep in profiles.items():
@@ -66,7 +67,7 @@ def nll_rows(pre, cont, ks, profiles: dict, batch_size: int) -> list[dict]:
       counts = schedule.keep_counts(P, k, ep)
       t0 = time.perf_counter()
       if counts not in done:
-        done[counts] = continuation.scores(pre.module, pre.params, cont, counts, batch_size)
+        done[counts] = continuation.scores(pre.model, pre.params, cont, counts, batch_size)
       s, argmax = done[counts]
       rows.append({"profile": name, "k": k, **s,
                    "agreement_with_k1": float((argmax == base_argmax).mean()),
@@ -85,11 +86,13 @@ def run(args: argparse.Namespace) -> dict:
   held_out = text.read_local(args.data_dir, "validation", 0.1)
   pre = models.from_pretrained(str(path))
   tokenizer = gguf_loader.load_tokenizer(pre.gguf_file)
-  L = pre.config.num_hidden_layers
+  L = pre.model.num_layers
   t0 = time.perf_counter()
   prof_cont = continuation.windows(train_docs, tokenizer, args.profile_len, 0, args.profile_windows)
-  _, prof = continuation.resolve_profile(pre.module, pre.params, prof_cont, "acc",
-                                         args.profile_windows, args.degree)
+  prof_ev = continuation.ContinuationEval(pre.model, pre.params, prof_cont, args.batch_size)
+  _, prof = tuning_profiles.resolve("acc", pre.model, pre.params,
+                                    lambda: prof_ev.acc_batches(args.profile_windows),
+                                    args.degree)
   profile_s = time.perf_counter() - t0
   profiles = {"flat": schedule.flat_profile(L), "acc": prof.ep}
   keep_09 = {n: list(schedule.keep_counts(args.profile_len, 0.9, ep)) for n, ep in profiles.items()}

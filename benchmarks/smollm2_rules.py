@@ -42,6 +42,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from latadj_jax.core import schedule
@@ -50,6 +51,7 @@ from latadj_jax.models import gguf_loader
 from latadj_jax.runtime import timing, xla_cache
 from latadj_jax.runtime import workdir as wd
 from latadj_jax.tasks import continuation
+from latadj_jax.tuning import profiles as tuning_profiles
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "shakespeare"
@@ -104,20 +106,23 @@ def run(args) -> dict:
     done = {}  # other settings: start over
   rows = {(r["rule"], r["profile"], r["k"]): r for r in done.get("rows", [])}
   docs = text.read_local(args.data_dir, "validation", 0.1)
-  pre, tokenizer = continuation.load_lm(str(path), args.init_from, "float32", {})
+  pre, tokenizer = continuation.load_lm(ml_collections.ConfigDict(
+      dict(model=str(path), init_from=args.init_from, dtype="float32")))
   cont = continuation.windows(docs, tokenizer, args.prompt_len, args.continuation_len, args.windows)
-  L, P = pre.config.num_hidden_layers, args.prompt_len
+  L, P = pre.model.num_layers, args.prompt_len
   ks = {"flat": [schedule.validate_coeff(k) for k in args.ks.split(",")],
         "acc": [schedule.validate_coeff(k) for k in args.acc_ks.split(",")],
         "step": [float(k) for k in args.step_ks.split(",")]}
   full = schedule.keep_counts(P, 1.0, schedule.flat_profile(L))
   t0 = time.perf_counter()
-  base, base_argmax = continuation.scores(pre.module, pre.params, cont, full, args.batch_size)
+  base, base_argmax = continuation.scores(pre.model, pre.params, cont, full, args.batch_size)
   # The ACC profile is measured on training-part prompts, never on the windows it is scored on.
   train_cont = continuation.windows(text.read_local(args.data_dir, "train", 0.1), tokenizer,
                                     args.prompt_len, args.continuation_len, 8)
+  train_ev = continuation.ContinuationEval(pre.model, pre.params, train_cont, args.batch_size)
   profiles = {name: (schedule.flat_profile(L) if name.startswith("step") else
-                     continuation.resolve_profile(pre.module, pre.params, train_cont, name, 8, 2)[0])
+                     tuning_profiles.resolve(name, pre.model, pre.params,
+                                             lambda: train_ev.acc_batches(8), 2)[0])
               for name in args.profiles.split(",")}
   ids = jnp.asarray(cont.prompts[:1])
   flops = {}
@@ -125,7 +130,7 @@ def run(args) -> dict:
   def flops_of(counts):
     if counts not in flops:
       flops[counts] = timing.compiled_flops(
-          continuation.prefill_executable(pre.module, pre.params, counts, ids))
+          continuation.prefill_executable(pre.model, pre.params, counts, ids))
     return flops[counts]
 
   command = "python " + " ".join(sys.argv)
@@ -154,14 +159,14 @@ def run(args) -> dict:
           file=sys.stderr, flush=True)
 
   for rule in args.rules.split(","):
-    module = type(pre.module)(dataclasses.replace(pre.config, **continuation.rule_overrides(rule)))
+    model = pre.model.replace(**continuation.rule_overrides(rule))
     for prof_name, ep in profiles.items():
       for k in ks["step" if prof_name.startswith("step") else prof_name]:
         counts = continuation.profile_counts(P, prof_name, ep, k)
         if counts == full or (rule, prof_name, k) in rows:  # no elimination: the reference
           continue
         t1 = time.perf_counter()
-        s, argmax = continuation.scores(module, pre.params, cont, counts, args.batch_size)
+        s, argmax = continuation.scores(model, pre.params, cont, counts, args.batch_size)
         record({"rule": rule, "profile": prof_name, "k": k, **s,
                 **against_k1(s, argmax, base, base_argmax),
                 "keep_counts": list(counts), "expected_speedup": schedule.expected_speedup(P, counts),
@@ -188,12 +193,12 @@ def truncated_row(pre, cont: continuation.Continuations, fraction: float, base: 
   n = max(sinks + 1, round(fraction * P))
   short = np.concatenate([cont.prompts[:, :sinks], cont.prompts[:, P - (n - sinks):]], axis=1)
   short_cont = dataclasses.replace(cont, prompts=short)
-  L = pre.config.num_hidden_layers
+  L = pre.model.num_layers
   counts = schedule.keep_counts(n, 1.0, schedule.flat_profile(L))
   t1 = time.perf_counter()
-  s, argmax = continuation.scores(pre.module, pre.params, short_cont, counts, batch_size)
+  s, argmax = continuation.scores(pre.model, pre.params, short_cont, counts, batch_size)
   flops = timing.compiled_flops(continuation.prefill_executable(
-      pre.module, pre.params, counts, jnp.asarray(short[:1])))
+      pre.model, pre.params, counts, jnp.asarray(short[:1])))
   return {"rule": f"truncate_s{sinks}", "profile": "prompt", "k": fraction, **s,
           **against_k1(s, argmax, base, base_argmax),
           "keep_counts": [n] * L, "expected_speedup": P / n, "flops_speedup": full_flops / flops,

@@ -36,8 +36,8 @@ import numpy as np
 from latadj_jax import models
 from latadj_jax.core import schedule
 from latadj_jax.data import text
+from latadj_jax.models import generate as gen
 from latadj_jax.models import gguf_loader
-from latadj_jax.models import llama_generate as gen
 from latadj_jax.runtime import timing
 from latadj_jax.runtime import workdir as wd
 from latadj_jax.tasks import continuation
@@ -62,16 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def quality(pre, tokenizer, docs, ks, args) -> list[dict]:
   """Returns one row per k: continuation NLL, perplexity, top-1 accuracy, agreement with k = 1."""
   cont = continuation.windows(docs, tokenizer, args.quality_len, args.continuation_len, args.windows)
-  L, P = pre.config.num_hidden_layers, args.quality_len
+  L, P = pre.model.num_layers, args.quality_len
   base_counts = schedule.keep_counts(P, 1.0, schedule.flat_profile(L))
-  base = continuation.scores(pre.module, pre.params, cont, base_counts, 1)
+  base = continuation.scores(pre.model, pre.params, cont, base_counts, 1)
   base_argmax = base[1]
   rows = []
   for k in ks:
     counts = schedule.keep_counts(P, k, schedule.flat_profile(L))
     t0 = time.perf_counter()
     s, argmax = (base if counts == base_counts else
-                 continuation.scores(pre.module, pre.params, cont, counts, 1))
+                 continuation.scores(pre.model, pre.params, cont, counts, 1))
     rows.append({"k": k, **s, "agreement_with_k1": float((argmax == base_argmax).mean()),
                  "windows": len(cont.prompts), "prompt_len": P, "keep_counts": list(counts),
                  "expected_speedup": schedule.expected_speedup(P, counts),
@@ -83,15 +83,15 @@ def quality(pre, tokenizer, docs, ks, args) -> list[dict]:
 
 def speed(pre, prompt_ids: np.ndarray, ks, repeats: int) -> list[dict]:
   """Returns one row per k: prefill and TTFT medians, expected/FLOPs/measured speedups."""
-  L, N = pre.config.num_hidden_layers, prompt_ids.shape[1]
+  L, N = pre.model.num_layers, prompt_ids.shape[1]
   ids = jnp.asarray(prompt_ids, jnp.int32)
   mask, rng = jnp.ones_like(ids), jax.random.PRNGKey(0)
   rows, fns = [], {}
   for k in ks:
     counts = schedule.keep_counts(N, k, schedule.flat_profile(L))
     t0 = time.perf_counter()
-    exe = continuation.prefill_executable(pre.module, pre.params, counts, ids)
-    ttft = gen.prefill_fn(pre.module, counts, 1)
+    exe = continuation.prefill_executable(pre.model, pre.params, counts, ids)
+    ttft = gen.prefill_fn(pre.model, counts, 1)
     timing.block(ttft(pre.params, ids, mask, rng))
     rows.append({"k": k, "prompt_len": N, "keep_counts": list(counts),
                  "expected_speedup": schedule.expected_speedup(N, counts),
@@ -142,12 +142,13 @@ def run(args: argparse.Namespace) -> dict:
       raise ValueError(f"--lengths {n} exceeds the longest held-out document ({len(stream)} tokens)")
     speed_rows[str(n)] = speed(pre, stream[None, :n], ks, args.repeats)
     release_executables()
+  cfg = pre.model.config
   return {
       "benchmark": "smollm2_text", "command": "python " + " ".join(sys.argv),
       "device": timing.device_name(), "jax_version": jax.__version__,
-      "settings": {"model": f"{path.name} (dequantized to float32)", "layers": pre.config.n_layer,
-                   "hidden": pre.config.hidden_size, "heads": pre.config.num_attention_heads,
-                   "kv_heads": pre.config.kv_heads, "data": args.data_dir, "split": "validation",
+      "settings": {"model": f"{path.name} (dequantized to float32)", "layers": pre.model.num_layers,
+                   "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
+                   "kv_heads": cfg.kv_heads, "data": args.data_dir, "split": "validation",
                    "profile": "flat (R_l = k)", "batch": 1, "repeats": args.repeats,
                    "continuation_len": args.continuation_len,
                    "timing": "medians of interleaved rounds, every k and both measurements in "

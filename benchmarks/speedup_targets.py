@@ -24,7 +24,8 @@ from pathlib import Path
 from latadj_jax.core import schedule
 from latadj_jax.data import splits
 from latadj_jax.runtime import timing, xla_cache
-from latadj_jax.tuning import evaluate, offline, targets
+from latadj_jax.runtime.executables import ExecutableCache
+from latadj_jax.tuning import offline, sweep, targets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> dict:
   r, ep = offline.prepare(args.workdir, args.batch_size, "")
   (enc,) = splits.load_encoded_split(r.run.config, r.task, r.tokenizer, args.split,
                                         args.max_examples)
-  cache = evaluate.ExecutableCache()
+  cache = ExecutableCache()
   metric = r.task.main_metric
   print(f"{r.run.workdir} (step {r.step}), {args.split}: {len(enc)} examples, "
         f"batch {r.run.config.eval_batch_size}, {timing.device_name()}")
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"target {t:g}x: {summary(row, metric)}")
 
   clf = offline.classifier(r, enc, cache)
-  main = clf.main_bucket()
+  main = sweep.main_bucket(clf.bucket_sizes())
   table = targets.calibrate(clf, ep, int(r.run.hf_config["vocab_size"]), args.calibrate_points,
                             args.repeats)
   targets.save_calibration(r.run.workdir, table)

@@ -70,7 +70,7 @@ def main() -> None:
   # Ours: the train step's loss and optimizer, one device, dropout as configured.
   tx = loop.make_optimizer(config, args.total_steps)
   loss_fn = lambda params, batch, rng: (lambda s, w: s / w)(*classifier.loss_sums(
-      params, batch, rng, module=pre.module, keep_counts=None, is_regression=True))
+      params, batch, rng, model=pre.model, keep_counts=None, is_regression=True))
 
   @jax.jit
   def step(params, opt_state, batch, rng):

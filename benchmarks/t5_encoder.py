@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latadj_jax import models
 from latadj_jax.core import schedule
-from latadj_jax.models import t5
 from latadj_jax.models import t5_generate as gen
 from latadj_jax.runtime import timing
 
@@ -47,20 +47,20 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def flan_t5_base(layers: int) -> t5.T5Config:
-  """Returns a Flan-T5-base-shaped config."""
-  return t5.T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=layers,
-                     num_heads=12, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+def flan_t5_base(layers: int) -> models.Model:
+  """Returns a Flan-T5-base-shaped model."""
+  return models.build({"model_type": "t5", "vocab_size": 32128, "d_model": 768, "d_kv": 64,
+                       "d_ff": 2048, "num_layers": layers, "num_heads": 12,
+                       "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False})
 
 
-def random_params(module: t5.T5ForConditionalGeneration, seed: int = 0) -> dict:
+def random_params(model: models.Model, seed: int = 0) -> dict:
   """Returns random float32 parameters: norms at 1, other weights N(0, 1/fan_in).
 
-  Drawn with NumPy on the shapes from ``jax.eval_shape``: compiling
-  ``module.init`` for a 250M-parameter model takes minutes on a small CPU.
+  Drawn with NumPy on the shapes from ``Model.abstract_params``: compiling
+  ``Model.init`` for a 250M-parameter model takes minutes on a small CPU.
   """
-  dummy = (jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32), jnp.zeros((1, 2), jnp.int32))
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(seed), *dummy)["params"]
+  shapes = model.abstract_params()
   rng = np.random.default_rng(seed)
   def draw(path, s):
     if path[-1].key == "weight":  # T5LayerNorm
@@ -74,10 +74,9 @@ def run(args: argparse.Namespace) -> dict:
   ks = [float(k) for k in args.ks.split(",")]
   batches = [int(b) for b in args.batches.split(",")]
   N, T = args.seq_len, args.new_tokens
-  cfg = flan_t5_base(args.layers)
-  module = t5.T5ForConditionalGeneration(cfg)
-  params = random_params(module)
-  encode = t5.T5ForConditionalGeneration.encode
+  model = flan_t5_base(args.layers)
+  cfg = model.config
+  params = random_params(model)
 
   rows = []
   for b_i, B in enumerate(batches):
@@ -86,8 +85,8 @@ def run(args: argparse.Namespace) -> dict:
     enc_fns, gen_fns, batch_rows = {}, {}, []
     for k in ks:
       counts = schedule.keep_counts(N, k, schedule.flat_profile(cfg.num_layers))
-      fn = jax.jit(lambda p, i, m, c=counts: module.apply(
-          {"params": p}, i, m, c, method=encode)["last_hidden_state"])
+      fn = jax.jit(lambda p, i, m, c=counts: model.method(
+          "encode", p, models.Batch(i, m), c).last_hidden_state)
       t0 = time.perf_counter()
       compiled = fn.lower(params, ids, mask).compile()
       row = {"batch": B, "k": k, "keep_counts": list(counts),
@@ -96,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
              "compile_s": time.perf_counter() - t0}
       enc_fns[f"k={k}"] = lambda c=compiled: c(params, ids, mask)
       if T > 0 and b_i == 0:
-        run_gen = lambda c=counts: gen.generate(module, params, ids, mask, max_new_tokens=T,
+        run_gen = lambda c=counts: gen.generate(model, params, ids, mask, max_new_tokens=T,
                                                 keep_counts=c)["tokens"]
         timing.block(run_gen())  # compile outside the timed rounds
         gen_fns[f"k={k}"] = run_gen

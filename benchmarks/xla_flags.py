@@ -46,9 +46,9 @@ def child(shape: str, seconds: float) -> None:
 
   from latadj_jax.runtime import timing
   batch, length = (int(v) for v in shape.split("x"))
-  hf, module, params = torch_and_flax(12, "float32")
-  arrays = inputs(batch, length, module.config.vocab_size)
-  exe = compile_forward(module, params, arrays, (length,) * 12)
+  hf, model, params = torch_and_flax(12, "float32")
+  arrays = inputs(batch, length, model.vocab_size)
+  exe = compile_forward(model, params, arrays, (length,) * 12)
   pytorch = torch_forward(hf, arrays)
   ours = np.asarray(exe(params, *arrays)[0])
   diff = float(np.abs(ours - pytorch().numpy()).max())

@@ -17,6 +17,7 @@ from configs import sections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  sections.run(c, "classifier")
   sections.model(c, "bert-base-uncased")
   sections.classifier_data(c, "sst2")
   sections.elimination(c)

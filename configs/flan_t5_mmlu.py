@@ -20,6 +20,7 @@ from configs import sections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  sections.run(c, "fewshot")
   sections.model(c, "google/flan-t5-base")   # or a local T5 directory (config.json + weights + tokenizer)
   sections.fewshot(c, "mmlu")
   c.max_new_tokens = 5             # greedy tokens per prompt; 0: the longest target's + 1

@@ -23,7 +23,7 @@ from configs import sections
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.task = "lm"
+  sections.run(c, "lm")
   sections.model(c, "gpt2")        # "" builds a random GPT-2 of shape c.gpt2
   # Used only when c.model is "": the shape of a from-scratch GPT-2 (here GPT-2 small).
   c.gpt2 = ml_collections.ConfigDict(dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024))

@@ -6,7 +6,7 @@ then overrides fields. Which run reads which section:
   classifier training (train.py; training.classifier, loop, anytime, profiling):
       model, classifier_data, elimination, survivor_rule, anytime, two_stage,
       optimisation, bookkeeping                                      (configs/default.py)
-  causal-LM training (train.py, task "lm"; training.lm, loop, anytime, profiling):
+  causal-LM training (train.py, run "lm"; training.lm, loop, anytime, profiling):
       model, text_data, lambada, elimination, causal_survivor_rules, anytime,
       optimisation, bookkeeping                                      (configs/lm_wikitext103.py)
   few-shot T5 and few-shot causal LM (eval.py --config; tasks.fewshot, tasks.fewshot_lm):
@@ -19,6 +19,15 @@ server read that copy, so what they read is in the training sections.
 """
 
 import ml_collections
+
+
+RUNS = ("classifier", "lm", "continuation", "fewshot", "fewshot_lm")
+
+
+def run(c: ml_collections.ConfigDict, kind: str) -> None:
+  """Adds the kind of run (one of RUNS): what train.py and eval.py do with the config."""
+  assert kind in RUNS, kind
+  c.run = kind
 
 
 def model(c: ml_collections.ConfigDict, name: str) -> None:

@@ -21,7 +21,7 @@ from configs import assets, sections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = "fewshot_lm"
+  sections.run(c, "fewshot_lm")
   sections.model(c, assets.smollm2())   # a .gguf file, a directory holding one, or an HF Llama dir
   sections.fewshot(c, "mmlu")
   c.data_source = "local"           # no hub: --config.data_dir is required

@@ -26,7 +26,7 @@ from configs import assets, sections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = "continuation"
+  sections.run(c, "continuation")
   sections.model(c, assets.smollm2())   # a .gguf file, a directory holding one, or an HF Llama dir
   c.init_from = ""                  # or an LM training workdir's parameters (smollm2_shakespeare)
   c.data_dir = str(assets.SAMPLE_TEXT)   # Macbeth, shipped; any directory of .txt files works

@@ -9,7 +9,6 @@ import pytest
 
 from latadj_jax import models
 from latadj_jax.core import elimination, schedule
-from latadj_jax.models import bert
 from latadj_jax.runtime import workdir as wd
 from latadj_jax.training import anytime, classifier
 
@@ -18,12 +17,15 @@ from conftest import tiny_config
 SPEC = anytime.AnytimeSpec((0.6, 0.8, 0.9, 1.0), num_sampled=1, temperature=2.0)
 
 
+TINY_BERT = {"model_type": "bert", "vocab_size": 60, "hidden_size": 16, "num_hidden_layers": 2,
+      "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32}
+
+
 def tiny_bert(**overrides):
-  cfg = bert.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, initializer_range=0.5, **overrides)
-  module = bert.BertForSequenceClassification(cfg)
-  return module, models.init_params(module, lambda: (jnp.ones((1, 8), jnp.int32),))
+  """Returns (model, params) of a tiny random BERT classifier, dropout off."""
+  model = models.build(TINY_BERT, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                       initializer_range=0.5, **overrides)
+  return model, model.init()
 
 
 def tiny_batch(n=6, length=16, seed=0):
@@ -98,17 +100,16 @@ def test_no_student_reruns_the_teacher_pass():
 
 
 def test_loss_terms_are_the_configured_losses():
-  module, params = tiny_bert()
+  model, params = tiny_bert()
   batch = tiny_batch()
   sched = {k: schedule.keep_counts(16, k, (0.8, 0.9)) for k in SPEC.coeffs}
   assert len(set(sched.values())) == 4  # four distinct schedules: the test tells them apart
-  terms = anytime.loss_terms(params, batch, jax.random.PRNGKey(0), module=module, spec=SPEC,
+  terms = anytime.loss_terms(params, batch, jax.random.PRNGKey(0), model=model, spec=SPEC,
                              schedules=sched, sampled=(0.9,), is_regression=False)
   assert set(terms) == {"label", "smallest", "sampled0"}
 
   def logits(k):
-    return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                        batch["token_type_ids"], keep_counts=sched[k])["logits"]
+    return model.apply(params, models.Batch.of(batch), sched[k]).logits
   teacher = logits(1.0)
   ce = -jnp.take_along_axis(jax.nn.log_softmax(teacher), batch["labels"][:, None], 1).sum()
   np.testing.assert_allclose(terms["label"], ce, rtol=1e-5)
@@ -127,21 +128,19 @@ def test_teacher_gets_no_gradient_from_distillation():
     assert not np.any(np.asarray(g_t)) and np.any(np.asarray(g_s))
   # Through the model: the gradient of the students' terms equals the gradient
   # with the teacher's logits computed beforehand as constants.
-  module, params = tiny_bert()
+  model, params = tiny_bert()
   batch = tiny_batch()
   sched = {k: schedule.keep_counts(16, k, (0.8, 0.9)) for k in SPEC.coeffs}
   spec = anytime.AnytimeSpec(SPEC.coeffs, temperature=2.0)
   students = lambda p: sum(v for n, v in anytime.loss_terms(
-      p, batch, jax.random.PRNGKey(0), module=module, spec=spec, schedules=sched,
+      p, batch, jax.random.PRNGKey(0), model=model, spec=spec, schedules=sched,
       sampled=(0.8,), is_regression=False).items() if n != "label")
-  teacher = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                         batch["token_type_ids"], keep_counts=sched[1.0])["logits"]
+  teacher = model.apply(params, models.Batch.of(batch), sched[1.0]).logits
 
   def with_constant_teacher(p):
     total = 0.0
     for k in (0.6, 0.8):
-      s = module.apply({"params": p}, batch["input_ids"], batch["attention_mask"],
-                       batch["token_type_ids"], keep_counts=sched[k])["logits"]
+      s = model.apply(p, models.Batch.of(batch), sched[k]).logits
       total += anytime.distill_loss(teacher, s, False, 2.0).sum()
     return total
   for a, b in zip(jax.tree.leaves(jax.grad(students)(params)),
@@ -194,30 +193,28 @@ def test_survivor_rules_keep_the_same_counts_but_different_tokens():
   pos = jnp.arange(8)[None]
   protect = elimination.first_token_mask(valid)
   pick = lambda rule, rng=None: np.asarray(elimination.select_indices(
-      elimination.survivor_ranking(rule, sv, pos, rng), valid, protect, 3))[0].tolist()
+      elimination.ranking(rule, {"score": sv}, valid, pos, rng=rng), valid, protect, 3))[0].tolist()
   assert pick("score") == [0, 1, 5]
   assert pick("first") == [0, 1, 2]
   randoms = {tuple(pick("random", jax.random.PRNGKey(i))) for i in range(20)}
   assert len(randoms) > 3 and all(0 in r and max(r) < 6 for r in randoms)  # never a pad
   with pytest.raises(ValueError, match="survivor rule"):
-    elimination.survivor_ranking("worst", sv, pos)
+    elimination.ranking("worst", {"score": sv}, valid, pos)
   with pytest.raises(ValueError, match="survivors"):
-    bert.BertConfig(survivors="worst")
+    models.build(TINY_BERT, survivors="worst")
 
 
 @pytest.mark.parametrize("rule", ["first", "random"])
 def test_ablation_models_run_at_the_same_counts(rule):
-  module, params = tiny_bert(survivors=rule)
+  model, params = tiny_bert(survivors=rule)
   ref, _ = tiny_bert()
-  batch = tiny_batch()
+  batch = models.Batch(tiny_batch()["input_ids"], tiny_batch()["attention_mask"])
   counts = (10, 6)
-  out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                     keep_counts=counts)
-  base = ref.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                   keep_counts=counts)
-  assert out["last_hidden_state"].shape == base["last_hidden_state"].shape == (6, 6, 16)
+  out = model.apply(params, batch, counts)
+  base = ref.apply(params, batch, counts)
+  assert out.last_hidden_state.shape == base.last_hidden_state.shape == (6, 6, 16)
   if rule == "first":  # the survivors are the first valid positions
-    valid_n = np.asarray(batch["attention_mask"]).sum(1)
-    for row, n in zip(np.asarray(out["positions"]), valid_n):
+    valid_n = np.asarray(batch.attention_mask).sum(1)
+    for row, n in zip(np.asarray(out.positions), valid_n):
       assert row.tolist() == list(range(6)) or n < 6
-  assert not np.allclose(out["logits"], base["logits"])
+  assert not np.allclose(out.logits, base.logits)

@@ -15,7 +15,11 @@ import pytest
 
 from latadj_jax.core import schedule
 from latadj_jax.data import splits
-from latadj_jax.tuning import evaluate, offline
+from latadj_jax import models
+from latadj_jax.runtime.executables import ExecutableCache
+from latadj_jax.tasks import classify
+from latadj_jax.tuning import offline
+from latadj_jax.tuning.sweep import schedules_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,29 +35,27 @@ def workdir(tiny_classifier_workdir):
 def _classifier(workdir):
   r = offline.restore(workdir)
   (enc,) = splits.load_encoded_split(r.run.config, r.task, r.tokenizer, "validation")
-  return r, evaluate.Classifier(r.pre.module, r.pre.params, enc, r.buckets, 8,
-                                r.pre.config.num_hidden_layers, "tiny")
+  return r, classify.Classifier(r.pre.model, r.pre.params, enc, r.buckets, 8, "tiny")
 
 
 def test_equal_keep_counts_share_one_executable(workdir):
   r, clf = _classifier(workdir)
   ep = r.run.profile
   k1, k2 = 0.9, 0.9004
-  assert evaluate.schedules_for(k1, ep, r.buckets) == evaluate.schedules_for(k2, ep, r.buckets)
-  clf.predict(evaluate.schedules_for(k1, ep, r.buckets))
+  assert schedules_for(k1, ep, r.buckets) == schedules_for(k2, ep, r.buckets)
+  clf.predict(schedules_for(k1, ep, r.buckets))
   misses = clf.cache.stats.misses
-  clf.predict(evaluate.schedules_for(k2, ep, r.buckets))
+  clf.predict(schedules_for(k2, ep, r.buckets))
   assert clf.cache.stats.misses == misses and len(clf.cache) == misses
   assert clf.cache.stats.hits > 0
 
 
 def test_coeff_one_flat_equals_plain_forward(workdir):
   r, clf = _classifier(workdir)
-  flat = schedule.flat_profile(r.pre.config.num_hidden_layers)
-  logits = clf.predict(evaluate.schedules_for(1.0, flat, r.buckets))
+  flat = schedule.flat_profile(r.pre.model.num_layers)
+  logits = clf.predict(schedules_for(1.0, flat, r.buckets))
   for batch in clf.batches():
-    plain = r.pre.module.apply({"params": r.pre.params}, batch["input_ids"],
-                               batch["attention_mask"], batch["token_type_ids"])["logits"]
+    plain = r.pre.model.apply(r.pre.params, models.Batch.of(batch)).logits
     real = batch["index"] >= 0
     # Same math; the AOT executable and eager apply may fuse differently (ulp-level).
     np.testing.assert_allclose(logits[batch["index"][real]], np.asarray(plain)[real],
@@ -111,18 +113,18 @@ def test_workdir_without_checkpoint_is_a_one_line_error(tmp_path):
 
 def test_executables_serialized_to_disk_load_without_lowering(workdir, tmp_path):
   r, clf = _classifier(workdir)
-  counts = evaluate.schedules_for(0.8, r.run.profile, r.buckets)
-  clf.cache = evaluate.ExecutableCache(disk_dir=tmp_path)
+  counts = schedules_for(0.8, r.run.profile, r.buckets)
+  clf.cache = ExecutableCache(disk_dir=tmp_path)
   first = clf.predict(counts)
   assert clf.cache.stats.disk_hits == 0 and len(list(tmp_path.glob("*.exe"))) == len(r.buckets)
-  clf.cache = evaluate.ExecutableCache(disk_dir=tmp_path)   # a new process, in effect
+  clf.cache = ExecutableCache(disk_dir=tmp_path)   # a new process, in effect
   lowered = []
   original = clf.cache.get
   clf.cache.get = lambda key, lower: original(key, lambda: lowered.append(key) or lower())
   again = clf.predict(counts)
   assert lowered == [] and clf.cache.stats.disk_hits == len(r.buckets)
   np.testing.assert_array_equal(first, again)
-  stale = evaluate.ExecutableCache(disk_dir=tmp_path)
+  stale = ExecutableCache(disk_dir=tmp_path)
   stale._fingerprint = "other model code"               # an edited model never loads old programs
   clf.cache = stale
   clf.predict(counts)

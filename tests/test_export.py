@@ -87,9 +87,9 @@ def test_classifier_export_loads_in_hf_pytorch_with_matching_logits(clf_workdir,
   enc = tok(texts, padding=True, return_tensors="np")
   r = offline.restore(clf_workdir)
   assert tok(texts)["input_ids"] == r.tokenizer(texts)["input_ids"]
-  ours = np.asarray(r.pre.module.apply(
-      {"params": r.pre.params}, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"],
-      keep_counts=_flat_counts(enc["input_ids"].shape[1], 3))["logits"])
+  ours = np.asarray(r.pre.model.apply(
+      r.pre.params, models.Batch(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]),
+      _flat_counts(enc["input_ids"].shape[1], 3)).logits)
   with torch.no_grad():
     theirs = hf(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.numpy()
   assert np.abs(ours).max() > 1e-3  # a real comparison, not two zero heads
@@ -100,7 +100,7 @@ def test_classifier_export_round_trips_through_from_pretrained(clf_workdir, clf_
   r = offline.restore(clf_workdir)
   pre = models.from_pretrained(str(clf_export))
   assert pre.report.missing == [] and pre.report.unused == []
-  assert pre.config.num_labels == 2
+  assert pre.model.config.num_labels == 2
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, pre.params),
                jax.tree.map(np.asarray, r.pre.params))
   lat = pre.hf_config["latadj"]
@@ -131,8 +131,8 @@ def test_lm_export_loads_in_hf_pytorch_with_matching_logits(lm_workdir, lm_expor
   assert ids == [r.tokenizer(t)["input_ids"] for t in text]
   n = min(len(i) for i in ids)
   ids = np.array([i[:n] for i in ids], np.int32)
-  ours = np.asarray(r.module.apply({"params": r.params}, ids, np.ones_like(ids),
-                                   keep_counts=_flat_counts(n, 2))["logits"])
+  ours = np.asarray(r.model.apply(r.params, models.Batch(ids, np.ones_like(ids)),
+                                  _flat_counts(n, 2)).logits)
   with torch.no_grad():
     theirs = hf(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
   assert ours.shape == theirs.shape == (2, n, len(tok))

@@ -15,6 +15,7 @@ from latadj_jax.data import fewshot as fs
 from latadj_jax.data import sources
 from latadj_jax.runtime import config_lib
 from latadj_jax.tasks import fewshot
+from latadj_jax.tuning import profiles
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,10 +161,9 @@ def model_dir(data_dir, tmp_path_factory) -> Path:
   hf_config = {"model_type": "t5", "vocab_size": len(fast), "d_model": 32, "d_kv": 8, "d_ff": 64,
                "num_layers": 2, "num_heads": 4, "feed_forward_proj": "gated-gelu",
                "tie_word_embeddings": False, "decoder_start_token_id": 0}
-  module, _, dummy = models.build(hf_config)
   (path / "config.json").write_text(json.dumps(hf_config))
   (path / "flax_model.msgpack").write_bytes(
-      serialization.to_bytes(models.init_params(module, dummy)))
+      serialization.to_bytes(models.build(hf_config).init()))
   return path
 
 
@@ -252,7 +252,7 @@ def test_exact_match_scoring(data_dir):
                                 [1, 1, 0, 0])
   items = fs.read_mmlu_local(data_dir / fs.MMLU_FILE, 5).items
   gens = [it.query.target if i % 2 == 0 else "Z" for i, it in enumerate(items)]
-  s = fewshot.score(items, gens)
+  s = fewshot.exact_match_scores(items, gens)
   assert s["correct"] == 3 and s["score"] == 0.5 and s["num_items"] == 6
   assert s["per_task"] == {"astronomy": 0.5, "virology": 0.5}
 
@@ -296,7 +296,7 @@ def test_missing_local_files_and_wrong_model_say_what_to_pass(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({  # a complete BERT config: only the family is wrong
       "model_type": "bert", "vocab_size": 30, "hidden_size": 8, "num_hidden_layers": 1,
       "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 16}))
-  with pytest.raises(ValueError, match="runs encoder-decoder T5 models.*--config.model"):
+  with pytest.raises(ValueError, match="runs encoder-decoder models.*'bert'.*--config.model"):
     fewshot.load_t5(str(tmp_path))
 
 
@@ -360,9 +360,10 @@ def test_measured_profile_from_acc_on_the_prompts(data_dir, model_dir):
   bench = fs.load_benchmark(config)
   pre, tok = fewshot.load_t5(str(model_dir))
   h = fewshot.build(config, bench, pre, tok)
-  ep, prof = fewshot.resolve_profile(h, "acc", num_batches=1, degree=1)
+  resolve = lambda spec: profiles.resolve(spec, h.model, h.params, lambda: h.acc_batches(1), 1)
+  ep, prof = resolve("acc")
   assert len(ep) == 2 and all(0 < e <= 1 for e in ep) and prof is not None and prof.ep == ep
-  assert fewshot.resolve_profile(h, "flat", 1, 1) == ((1.0, 1.0), None)
-  assert fewshot.resolve_profile(h, "0.9,0.8", 1, 1)[0] == (0.9, 0.8)
-  with pytest.raises(ValueError, match="flat, acc or 2 comma-separated"):
-    fewshot.resolve_profile(h, "measured", 1, 1)
+  assert resolve("flat") == ((1.0, 1.0), None)
+  assert resolve("0.9,0.8")[0] == (0.9, 0.8)
+  with pytest.raises(ValueError, match="flat, acc, .* or 2 comma-separated"):
+    resolve("measured")

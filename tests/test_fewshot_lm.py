@@ -8,11 +8,13 @@ import torch
 import transformers
 from test_fewshot import MMLU
 
+from latadj_jax import models
 from latadj_jax.core import schedule
 from latadj_jax.data import fewshot as fs
 from latadj_jax.data import sources, text
 from latadj_jax.runtime import config_lib
 from latadj_jax.tasks import fewshot_lm
+from latadj_jax.tuning import commands
 
 REPO = Path(__file__).resolve().parents[1]
 N_LAYER = 3
@@ -49,15 +51,15 @@ def test_answer_letters_follow_a_shared_prefix():
 
 def test_no_data_dir_fails_before_the_model_loads():
   with pytest.raises(sources.DataUnavailableError, match="--config.data_dir"):
-    fewshot_lm.evaluate_config(_config(model="/nonexistent"), [1.0])
+    commands.run_harness(_config(model="/nonexistent"), fewshot_lm, [1.0])
 
 
 def test_mmlu_sweep_matches_hf_next_token_letters(setup, tmp_path):
   """At k = 1 each answer is HF's argmax letter on the unpadded prompt; k = 0.8 eliminates."""
   data_dir, model_dir, model = setup
-  result = fewshot_lm.evaluate_config(
+  result = commands.run_harness(
       _config(model=str(model_dir), data_dir=str(data_dir), max_len=256, buckets=(128, 256),
-              batch_size=4), [1.0, 0.8], out=str(tmp_path), time_repeats=1)
+              batch_size=4), fewshot_lm, [1.0, 0.8], out=str(tmp_path), time_repeats=1)
   k1, k08 = result["rows"]
   assert result["num_items"] == 6 and result["profile"] == [1.0] * N_LAYER
   b = result["main_bucket"]
@@ -82,8 +84,12 @@ def test_mmlu_sweep_matches_hf_next_token_letters(setup, tmp_path):
   assert k1["correct"] == sum(w == t for w, t in zip(want, targets))
 
 
-def test_a_gpt2_directory_is_refused(tmp_path):
+def test_a_classifier_directory_is_refused_and_any_decoder_is_taken(tmp_path):
+  transformers.BertForSequenceClassification(transformers.BertConfig(
+      vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+      intermediate_size=16, max_position_embeddings=16)).save_pretrained(tmp_path / "bert")
+  with pytest.raises(ValueError, match="runs causal LMs.*'bert' model, a classifier"):
+    fewshot_lm.load_causal(str(tmp_path / "bert"))
   transformers.GPT2LMHeadModel(transformers.GPT2Config(
-      vocab_size=30, n_embd=8, n_layer=1, n_head=2, n_positions=16)).save_pretrained(tmp_path)
-  with pytest.raises(ValueError, match="runs Llama-family models.*GPT2LMHeadModel"):
-    fewshot_lm.load_causal(str(tmp_path))
+      vocab_size=30, n_embd=8, n_layer=1, n_head=2, n_positions=16)).save_pretrained(tmp_path / "gpt2")
+  assert models.from_pretrained(str(tmp_path / "gpt2"), kind="causal_lm").model.kind == "causal_lm"

@@ -1,6 +1,5 @@
 """Causal LM training and evaluation with elimination: survivor loss, resume, perplexity, last word, CLI (issue 5)."""
 
-import dataclasses
 import functools
 import json
 import math
@@ -15,12 +14,13 @@ import numpy as np
 import optax
 import pytest
 
+from latadj_jax import models as latadj_models
 from latadj_jax.core import schedule
 from latadj_jax.data import text
-from latadj_jax.models import gpt2
 from latadj_jax.runtime import config_lib
 from latadj_jax.tasks import lm_eval
 from latadj_jax.training import lm
+from latadj_jax.tuning import sweep
 
 REPO = Path(__file__).resolve().parents[1]
 LINES = ["When shall we three meet again, in thunder, lightning, or in rain?",
@@ -116,43 +116,42 @@ def test_survivor_nll_scores_only_survivors_with_targets():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-  cfg = gpt2.GPT2Config(vocab_size=50, n_positions=64, n_embd=16, n_layer=2, n_head=2,
-                        initializer_range=0.3)
-  module = gpt2.GPT2LMHeadModel(cfg)
-  params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32))["params"]
-  return module, params
+  """Returns (model, params) of a tiny random GPT-2 (dropout 0.1, as GPT-2's default)."""
+  model = latadj_models.build({"model_type": "gpt2", "vocab_size": 50, "n_positions": 64,
+                               "n_embd": 16, "n_layer": 2, "n_head": 2, "initializer_range": 0.3})
+  return model, model.init()
 
 
-def _plain_logits(module, params, rows, n):
+def _plain_logits(model, params, rows, n):
   """Returns the no-elimination logits of ragged token rows, right-padded to ``n`` (one compile)."""
   ids = np.zeros((len(rows), n), np.int32)
   mask = np.zeros((len(rows), n), np.int32)
   for i, r in enumerate(rows):
     ids[i, :len(r)], mask[i, :len(r)] = r, 1
-  return np.asarray(_forward(module)(params, ids, mask))
+  return np.asarray(_forward(model)(params, ids, mask))
 
 
 @functools.lru_cache(maxsize=4)
-def _forward(module):
-  return jax.jit(lambda p, i, m: module.apply({"params": p}, i, m)["logits"])
+def _forward(model):
+  return jax.jit(lambda p, i, m: model.apply(p, latadj_models.Batch(i, m)).logits)
 
 
 def test_loss_is_on_survivors_only(tiny_model):
-  module, params = tiny_model
+  model, params = tiny_model
   N, counts = 12, (8, 5)
   rng = np.random.default_rng(1)
   stream = rng.integers(0, 50, 2 * N + 1).astype(np.int32)
   batch = next(text.lm_batches(text.make_blocks(stream, N), 2, shuffle=False))
-  out = jax.jit(lambda p, i, m: module.apply({"params": p}, i, m, keep_counts=counts))(
+  out = jax.jit(lambda p, i, m: model.apply(p, latadj_models.Batch(i, m), counts))(
       params, batch["input_ids"], batch["attention_mask"])
-  survivors = np.asarray(out["positions"])
-  jitted = jax.jit(lambda p, b: lm.loss_sums(p, b, None, module=module, keep_counts=counts,
+  survivors = np.asarray(out.positions)
+  jitted = jax.jit(lambda p, b: lm.loss_sums(p, b, None, model=model, keep_counts=counts,
                                              deterministic=True))
   loss = lambda b: jitted(params, {k: b[k] for k in lm.BATCH_KEYS})
   total, count = loss(batch)
   assert int(count) == 2 * counts[-1]
   # Computed by hand: survivor at p scored against the token after p.
-  logp = jax.nn.log_softmax(out["logits"], axis=-1)
+  logp = jax.nn.log_softmax(out.logits, axis=-1)
   by_hand = -sum(float(logp[b, j, batch["targets"][b, p]])
                  for b in range(2) for j, p in enumerate(survivors[b]))
   np.testing.assert_allclose(float(total), by_hand, rtol=1e-5)
@@ -206,9 +205,8 @@ def test_lm_resume_after_kill_matches_uninterrupted(trained, text_dir, tmp_path,
 def test_anytime_lm_terms_distill_at_each_students_survivors(tiny_model):
   """The teacher term is the plain model's survivor NLL; a student's is T^2 KL at its survivors only."""
   from latadj_jax.training import anytime
-  module, params = tiny_model
-  module = gpt2.GPT2LMHeadModel(dataclasses.replace(module.config, resid_pdrop=0.0, embd_pdrop=0.0,
-                                                    attn_pdrop=0.0))
+  model, params = tiny_model
+  model = model.with_dropout(0.0)
   rng = np.random.default_rng(3)
   ids = rng.integers(0, 50, (2, 12)).astype(np.int32)
   batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
@@ -216,19 +214,19 @@ def test_anytime_lm_terms_distill_at_each_students_survivors(tiny_model):
   batch["target_weights"][:, -1] = 0
   spec = anytime.AnytimeSpec((0.5, 0.8, 1.0), num_sampled=1, teacher="full")
   schedules = {k: schedule.keep_counts(12, k, (1.0, 1.0)) for k in spec.coeffs}
-  terms = lm.anytime_loss_sums(params, batch, jax.random.PRNGKey(0), module=module, spec=spec,
+  terms = lm.anytime_loss_sums(params, batch, jax.random.PRNGKey(0), model=model, spec=spec,
                                schedules=schedules, sampled=(0.8,))
   assert set(terms) == {"label", "smallest", "sampled0"}
-  total, count = lm.loss_sums(params, batch, None, module=module, keep_counts=None,
+  total, count = lm.loss_sums(params, batch, None, model=model, keep_counts=None,
                               deterministic=True)
   np.testing.assert_allclose(np.asarray(terms["label"][0]), np.asarray(total), rtol=1e-6)
   assert float(terms["label"][1]) == float(count) == 22
   # The smallest student by hand: KL(teacher || student) at each of its scored survivors.
-  full = module.apply({"params": params}, ids)["logits"]
-  out = module.apply({"params": params}, ids, keep_counts=schedules[0.5])
-  pos = np.asarray(out["positions"])
+  full = model.apply(params, latadj_models.Batch(ids)).logits
+  out = model.apply(params, latadj_models.Batch(ids), schedules[0.5])
+  pos = np.asarray(out.positions)
   teacher = jax.nn.log_softmax(np.take_along_axis(np.asarray(full), pos[..., None], 1))
-  student = jax.nn.log_softmax(out["logits"])
+  student = jax.nn.log_softmax(out.logits)
   kl = np.asarray(jnp.sum(jnp.exp(teacher) * (teacher - student), -1))
   w = pos < 11  # the last position has no target
   np.testing.assert_allclose(float(terms["smallest"][0]), float((kl * w).sum()), rtol=1e-5)
@@ -260,14 +258,14 @@ def test_anytime_lm_run_compiles_one_step_per_draw(text_dir, tmp_path, monkeypat
 
 # --- evaluation -------------------------------------------------------------------------------
 def test_perplexity_at_k1_is_the_plain_models(tiny_model):
-  module, params = tiny_model
+  model, params = tiny_model
   stream = np.random.default_rng(2).integers(0, 50, 3 * 16 + 7).astype(np.int32)
   blocks = text.make_blocks(stream, 16)  # the last block is short: padding must not count
-  ev = lm_eval.LMEvaluator(module, params, blocks, 2, "tiny")
+  ev = lm_eval.LMEvaluator(model, params, blocks, 2, "tiny")
   got = ev.perplexity(schedule.keep_counts(16, 1.0, schedule.flat_profile(2)))
   nll, n = 0.0, 0
   for batch in text.lm_batches(blocks, 2, shuffle=False):
-    logits = _plain_logits(module, params, [r[m > 0] for r, m in
+    logits = _plain_logits(model, params, [r[m > 0] for r, m in
                                             zip(batch["input_ids"], batch["attention_mask"])], 16)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     nll += float(jnp.sum(ce * batch["target_weights"]))
@@ -288,13 +286,13 @@ def _word_tokenizer(words):
 
 def test_last_word_accuracy_on_a_fixture_with_known_answers(tiny_model):
   # One token per word: half the passages end in the model's own greedy word, half in another.
-  module, params = tiny_model
+  model, params = tiny_model
   words = [f"w{i}" for i in range(49)]
   tok = _word_tokenizer(words)
   rng = np.random.default_rng(3)
   contexts = [[words[j] for j in rng.integers(0, 49, rng.integers(3, 20))] for _ in range(16)]
   rows = [tok(" ".join(ctx))["input_ids"] for ctx in contexts]
-  logits = _plain_logits(module, params, rows, 32)
+  logits = _plain_logits(model, params, rows, 32)
   passages = []
   for ctx, row, lg in zip(contexts, rows, logits):
     greedy = int(np.argmax(lg[len(row) - 1]))
@@ -306,21 +304,22 @@ def test_last_word_accuracy_on_a_fixture_with_known_answers(tiny_model):
   lw = text.encode_last_word(passages, tok, 32)
   assert all(len(t) == 1 for t in lw.targets)
   flat = schedule.flat_profile(2)
-  got = lm_eval.last_word_scores(module, params, lw, 1.0, flat, 4, (32,))
+  got = lm_eval.last_word_scores(model, params, lw, sweep.Schedules({}, 1.0, flat), 4, (32,))
   assert got["accuracy"] == 0.5 and got["examples"] == 8
-  cut = lm_eval.last_word_scores(module, params, lw, 0.6, flat, 4, (32,))
+  cut = lm_eval.last_word_scores(model, params, lw, sweep.Schedules({}, 0.6, flat), 4, (32,))
   assert 0 <= cut["accuracy"] <= 1 and math.isfinite(cut["perplexity"])
 
 
 def test_last_word_multi_token_nll_matches_full_forward(tiny_model, lambada_file):
   # Byte-level: every last word is several tokens, scored through the KV cache.
-  module, params = tiny_model
+  model, params = tiny_model
   tok = text.byte_tokenizer()
   lw = text.encode_last_word(text.read_jsonl_texts(lambada_file), tok, 40)
   lw = text.LastWord([c % 50 for c in lw.contexts], [t % 50 for t in lw.targets])
-  got = lm_eval.last_word_scores(module, params, lw, 1.0, schedule.flat_profile(2), 3, (40,))
+  got = lm_eval.last_word_scores(model, params, lw, sweep.Schedules({}, 1.0, schedule.flat_profile(2)),
+                                3, (40,))
   word_nll, correct = [], 0
-  full = _plain_logits(module, params, [np.concatenate([c, t[:-1]]) for c, t in
+  full = _plain_logits(model, params, [np.concatenate([c, t[:-1]]) for c, t in
                                         zip(lw.contexts, lw.targets)], 56)
   for ctx, tgt, lg in zip(lw.contexts, lw.targets, full):
     logits = lg[len(ctx) - 1:len(ctx) - 1 + len(tgt)]
@@ -337,7 +336,7 @@ def test_eval_cli_on_an_lm_workdir(trained, lambada_file):
                          "--profile", "flat", "--repeats", "1", "--lambada", str(lambada_file)],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "| coeff | perplexity | fraction scored | last-word acc |" in proc.stdout
+  assert "| coeff | perplexity | fraction scored | lambada accuracy |" in proc.stdout
   rows = json.loads((workdir / "eval_results.json").read_text())["rows"]
   assert [r["coeff"] for r in rows] == [0.8, 1.0]
   assert rows[1]["fraction_scored"] == 1.0 > rows[0]["fraction_scored"]

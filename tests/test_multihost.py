@@ -47,10 +47,10 @@ WRAPPER = textwrap.dedent("""
     # step-DIE checkpoint is on disk. LOGITS: saves each process's gathered dev logits there.
     import os, runpy, signal, sys
     import jax, numpy as np
-    from latadj_jax.tuning import evaluate
+    from latadj_jax.tasks import classify
     from latadj_jax.runtime import workdir as wd
     repo, die, victim, logits_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    save, predict = wd.save_checkpoint, evaluate.Classifier.predict
+    save, predict = wd.save_checkpoint, classify.Classifier.predict
 
     def save_then_die(manager, step, state):
       save(manager, step, state)
@@ -66,7 +66,7 @@ WRAPPER = textwrap.dedent("""
         np.save(os.path.join(logits_dir, f"p{jax.process_index()}.npy"), logits)
       return logits
 
-    wd.save_checkpoint, evaluate.Classifier.predict = save_then_die, predict_and_save
+    wd.save_checkpoint, classify.Classifier.predict = save_then_die, predict_and_save
     sys.argv = [os.path.join(repo, "train.py")] + sys.argv[5:]
     runpy.run_path(sys.argv[0], run_name="__main__")
 """)
@@ -261,9 +261,9 @@ def test_acc_profile_and_uneven_dev_metrics_equal_one_process(bert_ref, bert_res
   assert ev_ours["step"] == ev_ref["step"] == STEPS
   assert ev_ours["eval_accuracy"] == pytest.approx(ev_ref["eval_accuracy"], abs=1e-9)
   # Each process's gathered dev logits are those of one process predicting every example.
-  from latadj_jax.tuning import evaluate
+  from latadj_jax.tuning.sweep import schedules_for
   clf = offline.classifier(r, dev)
-  one = clf.predict(evaluate.schedules_for(0.8, r.run.profile, r.buckets))
+  one = clf.predict(schedules_for(0.8, r.run.profile, r.buckets))
   for i in (0, 1):
     np.testing.assert_allclose(np.load(bert_resumed[2] / f"p{i}.npy"), one, atol=1e-6, rtol=0)
   (row,) = offline.evaluate_workdir(workdir, [0.8], max_examples=DEV_EXAMPLES, time_repeats=1)

@@ -8,7 +8,10 @@ import pytest
 
 from latadj_jax.data import pipeline, splits
 from latadj_jax.serving import predictor
-from latadj_jax.tuning import evaluate, offline, targets
+from latadj_jax.runtime.executables import ExecutableCache
+from latadj_jax.tasks import classify
+from latadj_jax.tuning import offline, targets
+from latadj_jax.tuning.sweep import schedules_for
 
 from test_eval import _eval_cli
 
@@ -31,7 +34,7 @@ def dev(workdir):
 @pytest.fixture(scope="module")
 def cache():
   """One executable cache for the module, so each schedule compiles once across tests."""
-  return evaluate.ExecutableCache()
+  return ExecutableCache()
 
 
 def _eval_logits(r, enc, schedules, cache):
@@ -44,12 +47,12 @@ def test_predictor_equals_eval_predictions_in_input_order(workdir, dev, cache):
   r, ex, enc = dev
   lengths = {pipeline.bucket_of(len(ids), r.buckets) for ids in enc.input_ids}
   assert lengths == set(r.buckets)  # the dev set spans both buckets: mixed lengths
-  ref = _eval_logits(r, enc, evaluate.schedules_for(0.8, r.run.profile, r.buckets), cache)
+  ref = _eval_logits(r, enc, schedules_for(0.8, r.run.profile, r.buckets), cache)
   order = np.random.default_rng(0).permutation(len(ex))
   p = predictor.Predictor.from_workdir(workdir, coeff=0.8, cache=cache)
   out = p.predict([ex.texts[0][i] for i in order])
   np.testing.assert_allclose(out.logits, ref[order], atol=1e-5, rtol=0)
-  np.testing.assert_array_equal(out.labels, evaluate.predictions(ref, False)[order])
+  np.testing.assert_array_equal(out.labels, classify.predictions(ref, False)[order])
   np.testing.assert_allclose(out.probabilities.sum(-1), 1.0, atol=1e-6)
   np.testing.assert_array_equal(out.probabilities.argmax(-1), out.labels)
   assert out.scores is None

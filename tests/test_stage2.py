@@ -8,28 +8,25 @@ import pytest
 
 from latadj_jax.core import schedule
 from latadj_jax.data import pipeline
-from latadj_jax.models import bert
+from latadj_jax import models
 from latadj_jax.runtime import workdir as wd
 from latadj_jax.training import anytime, classifier, loop, profiling
 
 from conftest import tiny_config
-from test_anytime import tiny_batch
+from test_anytime import TINY_BERT, tiny_batch
 
 COEFFS = (0.6, 0.8, 0.9, 1.0)
 SCHED = {k: schedule.keep_counts(16, k, (0.8, 0.9)) for k in COEFFS}
 
 
 def dropout_bert(rate=0.3):
-  cfg = bert.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=rate,
-                        attention_probs_dropout_prob=rate, initializer_range=0.5)
-  module = bert.BertForSequenceClassification(cfg)
-  from latadj_jax import models
-  return module, models.init_params(module, lambda: (jnp.ones((1, 8), jnp.int32),))
+  """Returns (model, params) of a tiny random BERT classifier with dropout at ``rate``."""
+  model = models.build(TINY_BERT, initializer_range=0.5).with_dropout(rate)
+  return model, model.init()
 
 
-def terms_at(spec, module, params, batch, seed, frozen=None):
-  return anytime.loss_terms(params, batch, jax.random.PRNGKey(seed), frozen, module=module,
+def terms_at(spec, model, params, batch, seed, frozen=None):
+  return anytime.loss_terms(params, batch, jax.random.PRNGKey(seed), frozen, model=model,
                             spec=spec, schedules=SCHED, sampled=(0.9,), is_regression=False)
 
 
@@ -46,7 +43,7 @@ def stage1(tiny_model_dir, tiny_sst2_dir, tmp_path_factory):
   ep = (0.9, 0.8, 0.7)
   wd.save_profile(path, None, ep, {}, 1.0)
   manager = wd.checkpoint_manager(path)
-  wd.save_checkpoint(manager, 7, loop.TrainState.create(apply_fn=pre.module.apply, params=params,
+  wd.save_checkpoint(manager, 7, loop.TrainState.create(apply_fn=None, params=params,
                                                          tx=optax.sgd(0.1)))
   manager.wait_until_finished()
   return path, params, ep
@@ -63,7 +60,7 @@ def test_init_from_loads_exactly_the_stage1_parameters_and_profile(stage1, tiny_
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded),
                                                        jax.tree.leaves(pre.params)))
   buckets = pipeline.make_buckets(config.max_len, base=tuple(config.buckets))
-  resolve = lambda c: profiling.resolve_profile(c, tmp_path / c.profile, pre, None, buckets, 3,
+  resolve = lambda c: profiling.resolve_profile(c, tmp_path / c.profile, pre, None, buckets,
                                                 write=False)
   assert resolve(config) == ep                    # the stage-1 profile, unless one is given
   config.profile = "flat"
@@ -75,27 +72,25 @@ def test_init_from_loads_exactly_the_stage1_parameters_and_profile(stage1, tiny_
 
 
 def test_frozen_teacher_gets_no_gradient_and_no_optimizer_state():
-  module, params = dropout_bert(0.0)
+  model, params = dropout_bert(0.0)
   frozen = jax.tree.map(lambda x: 1.3 * x, params)  # another model than the live one
   batch = tiny_batch()
   spec = anytime.AnytimeSpec(COEFFS, teacher="frozen", always=(1.0,))
-  terms = terms_at(spec, module, params, batch, 0, frozen)
+  terms = terms_at(spec, model, params, batch, 0, frozen)
   assert set(terms) == {"smallest", "always0", "sampled0"}   # nothing on the labels
-  teacher = module.apply({"params": frozen}, batch["input_ids"], batch["attention_mask"],
-                         batch["token_type_ids"])["logits"]     # no elimination
-  student = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                         batch["token_type_ids"], keep_counts=SCHED[0.6])["logits"]
+  teacher = model.apply(frozen, models.Batch.of(batch)).logits     # no elimination
+  student = model.apply(params, models.Batch.of(batch), SCHED[0.6]).logits
   np.testing.assert_allclose(terms["smallest"],
                              anytime.distill_loss(teacher, student, False).sum(), rtol=1e-5)
-  grads = jax.grad(lambda f: sum(terms_at(spec, module, params, batch, 0, f).values()))(frozen)
+  grads = jax.grad(lambda f: sum(terms_at(spec, model, params, batch, 0, f).values()))(frozen)
   assert not any(np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
 
   mesh = loop.make_mesh()
   tx = optax.adam(1e-2)
   state = loop._replicate(loop.TrainState.create(
-      apply_fn=module.apply, params=params, tx=tx, frozen=jax.tree.map(jnp.copy, frozen)), mesh)
+      apply_fn=None, params=params, tx=tx, frozen=jax.tree.map(jnp.copy, frozen)), mesh)
   assert jax.tree.structure(state.opt_state) == jax.tree.structure(tx.init(params))
-  step = classifier.make_anytime_step(mesh, module=module, spec=spec, profile=(0.8, 0.9), buckets=(16,),
+  step = classifier.make_anytime_step(mesh, model=model, spec=spec, profile=(0.8, 0.9), buckets=(16,),
                                  is_regression=False, seed=0)
   host = jax.tree.map(np.asarray, batch)
   for _ in range(2):
@@ -108,17 +103,17 @@ def test_frozen_teacher_gets_no_gradient_and_no_optimizer_state():
 
 
 def test_dropout_is_off_on_student_passes_when_asked():
-  module, params = dropout_bert(0.3)
+  model, params = dropout_bert(0.3)
   frozen = jax.tree.map(lambda x: 1.3 * x, params)
   batch = tiny_batch()
   for student_dropout in (True, False):
     spec = anytime.AnytimeSpec(COEFFS, teacher="frozen", student_dropout=student_dropout)
-    a, b = (terms_at(spec, module, params, batch, seed, frozen) for seed in (0, 1))
+    a, b = (terms_at(spec, model, params, batch, seed, frozen) for seed in (0, 1))
     same = [np.allclose(a[n], b[n]) for n in ("smallest", "sampled0")]
     assert same == [not student_dropout] * 2
   # The live teacher keeps its dropout either way.
   spec = anytime.AnytimeSpec(COEFFS, teacher="full", student_dropout=False)
-  a, b = (terms_at(spec, module, params, batch, seed) for seed in (0, 1))
+  a, b = (terms_at(spec, model, params, batch, seed) for seed in (0, 1))
   assert not np.allclose(a["label"], b["label"])
 
 

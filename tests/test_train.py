@@ -108,14 +108,12 @@ STEP_SCRIPT = textwrap.dedent("""
     from jax.sharding import Mesh
 
     from latadj_jax import models
-    from latadj_jax.models import bert
     from latadj_jax.training import classifier, loop
     sys.path.insert(0, sys.argv[1])
-    cfg = bert.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                          attention_probs_dropout_prob=0.0)
-    module = bert.BertForSequenceClassification(cfg)
-    params = jax.tree.map(np.asarray, models.init_params(module, lambda: (np.ones((1, 8), np.int32),)))
+    model = models.build({"model_type": "bert", "vocab_size": 60, "hidden_size": 16,
+                          "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+                          "max_position_embeddings": 32}).with_dropout(0.0)
+    params = jax.tree.map(np.asarray, model.init())
     rng = np.random.default_rng(0)
     ids = rng.integers(4, 60, (8, 16)).astype(np.int32)
     mask = (np.arange(16)[None] < rng.integers(3, 17, (8, 1))).astype(np.int32)
@@ -127,9 +125,9 @@ STEP_SCRIPT = textwrap.dedent("""
       mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
       # SGD, not Adam: Adam's first step is ~lr*sign(g), which turns ulp-level gradient
       # differences on near-zero gradients into lr-sized parameter differences.
-      state = loop.TrainState.create(apply_fn=module.apply, params=params, tx=optax.sgd(0.5))
+      state = loop.TrainState.create(apply_fn=None, params=params, tx=optax.sgd(0.5))
       state = loop._replicate(state, mesh)
-      step = classifier.compiled_step(mesh, module, (16, 9), False)
+      step = classifier.compiled_step(mesh, model, (16, 9), False)
       state, m = step(state, loop.shard_batch(batch, mesh), jax.random.PRNGKey(0))
       out[n] = (float(m["loss"]), [np.asarray(x).tolist() for x in jax.tree.leaves(state.params)])
     print(json.dumps({"devices": jax.device_count(), "loss": [out[1][0], out[4][0]],

@@ -1,4 +1,4 @@
-"""Score vectors, ACC and Sort+Eliminate as pure jnp functions (METHOD.md sections 1 and 4).
+"""Score vectors, ACC and Sort+Eliminate as pure jnp functions (docs/method.md sections 1 and 4).
 
 Shapes are in names: ``B`` batch, ``H`` heads, ``N`` current length (it shrinks
 layer by layer), ``K`` the number of word-vectors kept by a layer.
@@ -144,27 +144,33 @@ def score_queries(rule: str, valid_BxN: jax.Array, window: int, with_scores: boo
   return queries
 
 
-def causal_ranking(rule: str, colsums: dict[str, jax.Array], valid_BxN: jax.Array,
-                   positions_BxN: jax.Array, window: int = 0,
-                   rng: jax.Array | None = None, pool: int = 0) -> jax.Array:
-  """Returns rank_BxN for a causal layer's survivors under ``rule`` (one of CAUSAL_RULES).
+def ranking(rule: str, colsums: dict[str, jax.Array], valid_BxN: jax.Array,
+            positions_BxN: jax.Array, *, causal: bool = False, window: int = 0, pool: int = 0,
+            rng: jax.Array | None = None) -> jax.Array:
+  """Returns rank_BxN, positive on every position: ``select_indices`` keeps the highest.
 
-  ``colsums`` holds the ``column_sums`` named by ``score_queries``. ``score`` is
-  eq. 8; ``window`` is eq. 8 over the last ``window`` queries (equal to
-  ``score`` when the window covers every query); ``first`` and ``random`` are
-  the Table VII ablations (``first`` keeps the earliest tokens); ``last`` keeps
-  the most recent ones. ``pool`` > 1 max-pools the ``score`` and ``window``
-  scores over that many neighbours (``pool_scores``).
+  ``colsums`` holds the ``column_sums`` named by ``score_queries``. ``score``
+  is the method (the score vector; eq. 8's division for a ``causal`` model);
+  ``window`` is eq. 8 over the last ``window`` queries (equal to ``score``
+  when the window covers every query); ``first`` and ``random`` are the
+  paper's Table VII ablations (``first`` keeps the earliest tokens; ``random``
+  draws from ``rng``, a fixed key when None, so evaluation is repeatable);
+  ``last`` keeps the most recent tokens. ``pool`` > 1 max-pools the ``score``
+  and ``window`` scores over that many neighbours (``pool_scores``).
   """
-  if rule not in CAUSAL_RULES:
-    raise ValueError(f"causal survivor rule must be one of {CAUSAL_RULES}, got {rule!r}")
+  rules = CAUSAL_RULES if causal else SURVIVOR_RULES
+  if rule not in rules:
+    raise ValueError(f"survivor rule must be one of {rules}, got {rule!r}")
   if rule in ("score", "window"):
     queries = last_queries(valid_BxN, window) if rule == "window" else None
-    return pool_scores(finish_scores(colsums[rule], valid_BxN, causal=True, queries_BxN=queries),
-                       valid_BxN, pool)
+    sv_BxN = finish_scores(colsums[rule], valid_BxN, causal=causal, queries_BxN=queries)
+    return pool_scores(sv_BxN, valid_BxN, pool)
   if rule == "last":
     return 1.0 + positions_BxN.astype(jnp.float32)
-  return survivor_ranking(rule, jnp.zeros(valid_BxN.shape, jnp.float32), positions_BxN, rng)
+  if rule == "first":
+    return 1.0 / (1.0 + positions_BxN.astype(jnp.float32))
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  return jax.random.uniform(rng, valid_BxN.shape, minval=1e-6, maxval=1.0)
 
 
 def masked_median(x_BxN: jax.Array, valid_BxN: jax.Array) -> jax.Array:
@@ -182,24 +188,6 @@ def acc(sv_BxN: jax.Array, valid_BxN: jax.Array) -> jax.Array:
   n_B = jnp.maximum(jnp.sum(valid, axis=-1), 1)
   mean_B = jnp.sum(jnp.where(valid, sv_BxN, 0.0), axis=-1) / n_B
   return masked_median(sv_BxN, valid) / mean_B
-
-
-def survivor_ranking(rule: str, sv_BxN: jax.Array, positions_BxN: jax.Array,
-                     rng: jax.Array | None = None) -> jax.Array:
-  """Returns rank_BxN, positive on every position: ``select_indices`` keeps the highest.
-
-  ``score`` is the method; ``first`` and ``random`` are the paper's ablations
-  (Table VII) at the same keep counts. ``random`` draws from ``rng`` (a fixed key
-  when None, so evaluation is repeatable).
-  """
-  if rule == "score":
-    return sv_BxN
-  if rule == "first":
-    return 1.0 / (1.0 + positions_BxN.astype(jnp.float32))
-  if rule == "random":
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    return jax.random.uniform(rng, sv_BxN.shape, minval=1e-6, maxval=1.0)
-  raise ValueError(f"survivor rule must be one of {SURVIVOR_RULES}, got {rule!r}")
 
 
 def select_indices(sv_BxN: jax.Array, valid_BxN: jax.Array, protect_BxN: jax.Array,
@@ -244,33 +232,6 @@ def eliminate(sv_BxN: jax.Array, valid_BxN: jax.Array, protect_BxN: jax.Array,
   with jax.named_scope("select"):
     idx_BxK = select_indices(sv_BxN, valid_BxN, protect_BxN, n_keep)
     return (idx_BxK,) + tuple(gather(a, idx_BxK, method) for a in arrays_BxN_)
-
-
-def causal_step(colsums: dict[str, jax.Array], carry: dict, n_keep: int,
-                *arrays_BxN_: jax.Array, rule: str = "score", window: int = 0,
-                with_scores: bool = False, method: Selection = "gather",
-                pool: int = 0) -> tuple:
-  """One causal layer's Sort+Eliminate: returns ``(SV_BxN or None, carry, *arrays)`` at the survivors.
-
-  ``colsums`` are the attention's ``column_sums`` for ``score_queries`` (the
-  same rule, window and flags). ``carry`` holds ``valid``, ``positions`` and
-  ``protect`` (and whatever else travels with the tokens); every entry and
-  every array is gathered. SV is eq. 8's score vector, returned when
-  ``with_scores`` (for ACC). Nothing is eliminated when ``n_keep`` is the
-  current length.
-  """
-  valid, positions = carry["valid"], carry["positions"]
-  eliminating = n_keep < valid.shape[1]
-  with jax.named_scope("select"):
-    sv_BxN = finish_scores(colsums["score"], valid, causal=True) if "score" in colsums else None
-    if not eliminating:
-      return (sv_BxN if with_scores else None, carry, *arrays_BxN_)
-    rank_BxN = causal_ranking(rule, colsums, valid, positions, window, pool=pool)
-    names = sorted(carry)
-    _, *kept = eliminate(rank_BxN, valid, carry["protect"], n_keep, *arrays_BxN_,
-                         *(carry[n] for n in names), method=method)
-  return (sv_BxN if with_scores else None, dict(zip(names, kept[len(arrays_BxN_):])),
-          *kept[:len(arrays_BxN_)])
 
 
 def last_valid_mask(valid_BxN: jax.Array) -> jax.Array:

@@ -196,5 +196,9 @@ def parse_profile(value: Any, num_layers: int) -> tuple[float, ...] | None:
     step = re.fullmatch(r"step(\d+)@([0-9.eE+-]+)", value)
     if step:
       return step_profile(num_layers, int(step.group(1)), float(step.group(2)))
-    value = [float(v) for v in value.split(",")]
+    try:
+      value = [float(v) for v in value.split(",")]
+    except ValueError:
+      raise ValueError(f"a profile is flat, acc, step<layer>@<keep> or {num_layers} "
+                       f"comma-separated values in (0, 1]; got {value!r}") from None
   return validate_profile(value, num_layers)

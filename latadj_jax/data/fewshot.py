@@ -214,8 +214,8 @@ def read_hub(name: str, num_shots: int, tasks: Sequence[str] = ()) -> Benchmark:
   """Returns the benchmark from the HF hub; fails at once, naming --config.data_dir, when offline."""
   reason = hub.dataset_problem()
   if reason:
-    raise sources.DataUnavailableError(f"tried to load the HF hub dataset {HUB[name]}, but "
-                                       f"{reason}. For local files, {FIX}.")
+    raise sources.HubDataError(f"tried to load the HF hub dataset {HUB[name]}, but "
+                               f"{reason}. For local files, {FIX}.")
   import datasets
   items = []
   if name == "mmlu":

@@ -23,6 +23,10 @@ class DataUnavailableError(hub.Unavailable):
   """The requested data could not be read; the message says what was tried and how to fix it."""
 
 
+class HubDataError(DataUnavailableError, hub.HubError):
+  """A hub dataset could not be loaded now (offline, no answer, a failed download)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
   name: str
@@ -275,7 +279,7 @@ def _load_hub(task: TaskSpec, split: str, hub_dataset: str) -> Examples:
   fix = f"Download it elsewhere and pass {FIX_FLAGS}."
   problem = hub.dataset_problem(name)  # bounded: datasets' own retries are not
   if problem:
-    raise DataUnavailableError(f"tried to load {what}, but {problem}. {fix}")
+    raise HubDataError(f"tried to load {what}, but {problem}. {fix}")
   try:
     import datasets
     dd = datasets.load_dataset(name, task.name if glue else None)
@@ -284,8 +288,8 @@ def _load_hub(task: TaskSpec, split: str, hub_dataset: str) -> Examples:
       raise KeyError(f"no split {split!r} among {list(dd)}")
     df = dd[names[0]].to_pandas()
   except Exception as e:  # any datasets/network failure becomes one actionable message
-    raise DataUnavailableError(f"tried to load {what} split {split!r} and failed "
-                               f"({type(e).__name__}: {e}). {fix}") from e
+    raise HubDataError(f"tried to load {what} split {split!r} and failed "
+                       f"({type(e).__name__}: {e}). {fix}") from e
   keys = task.text_keys if glue else _fallback_keys(df.columns, task, Path(name))
   return Examples(tuple(df[k].astype(str).tolist() for k in keys), _labels(df["label"].to_numpy(), task))
 

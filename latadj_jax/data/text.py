@@ -114,13 +114,13 @@ def _hub(name: str, config_name: str | None, split: str, what: str):
   fix = f"Download it elsewhere and pass {LOCAL_FIX}."
   problem = hub.dataset_problem(name)
   if problem:
-    raise sources.DataUnavailableError(f"tried to load {what}, but {problem}. {fix}")
+    raise sources.HubDataError(f"tried to load {what}, but {problem}. {fix}")
   try:
     import datasets
     return datasets.load_dataset(name, config_name or None, split=split)
   except Exception as e:  # any datasets/network failure becomes one actionable message
-    raise sources.DataUnavailableError(f"tried to load {what} split {split!r} and failed "
-                                       f"({type(e).__name__}: {e}). {fix}") from e
+    raise sources.HubDataError(f"tried to load {what} split {split!r} and failed "
+                               f"({type(e).__name__}: {e}). {fix}") from e
 
 
 def read_hub(name: str, config_name: str, split: str) -> list[str]:

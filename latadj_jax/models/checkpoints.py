@@ -12,34 +12,32 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
 
-from latadj_jax.runtime.hub import hub_endpoint, hub_problem, hub_reachable
+from latadj_jax.runtime.hub import HubError, hub_endpoint, hub_problem, hub_reachable
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                 "flax_model.msgpack", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
                    "vocab.json", "merges.txt", "spiece.model", "special_tokens_map.json",
                    "generation_config.json")
-# The config.json fields that fix a family's parameter shapes. HF's config
-# classes default every one of them, so a config.json that lacks one would
-# build a model of the wrong size and fail later with a confusing shape error.
-REQUIRED_CONFIG_FIELDS = {
-    "bert": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-             "intermediate_size", "max_position_embeddings"),
-    "gpt2": ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"),
-    "t5": ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"),
-}
-
-# (flax path, transpose?) for a torch name, or None to skip the tensor.
-NameMap = Callable[[str], "tuple[tuple[str, ...], bool] | None"]
+# A family's torch-name map: for a torch tensor name, ``(flax path, transpose?)``, or
+# ``([flax paths], transpose?)`` for a fused tensor split evenly along its last axis
+# (after the transpose) into several parameters; or None to skip the tensor.
+NameMap = Callable[[str], "tuple[tuple[str, ...] | list[tuple[str, ...]], bool] | None"]
+# Flax leaf name -> torch leaf name, for inverting a name map.
+_TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
 
 
 class CheckpointError(ValueError):
   """A checkpoint can't be found, read or matched to the model."""
+
+
+class HubCheckpointError(CheckpointError, HubError):
+  """The weights are neither local nor downloadable from the hub now."""
 
 
 def _looks_like_path(name: str) -> bool:
@@ -68,19 +66,19 @@ def resolve_model_dir(name_or_path: str, timeout: float = 5.0) -> Path:
   except Exception:  # noqa: BLE001 -- any cache miss means we need the hub
     pass
   if not hub_reachable(timeout):
-    raise CheckpointError(
+    raise HubCheckpointError(
         f"can't reach the Hugging Face hub ({hub_endpoint()[0]}) to download {name_or_path!r}, "
         f"and it is not in the local HF cache. Point at local weights with "
         f"--config.model=DIR (a directory with config.json, the tokenizer files and "
         f"model.safetensors, flax_model.msgpack or pytorch_model.bin).")
   problem = hub_problem(name_or_path)
   if problem:
-    raise CheckpointError(f"{problem}, so {name_or_path!r} can't be downloaded. Try again later, "
+    raise HubCheckpointError(f"{problem}, so {name_or_path!r} can't be downloaded. Try again later, "
                           f"or use local weights: --config.model=DIR")
   try:
     return Path(snapshot_download(name_or_path, allow_patterns=patterns, etag_timeout=timeout))
   except Exception as e:  # noqa: BLE001 -- turn hub errors into one clear message
-    raise CheckpointError(f"could not download {name_or_path!r} from the hub "
+    raise HubCheckpointError(f"could not download {name_or_path!r} from the hub "
                           f"({_first_line(e, 300)}). Use --config.model=DIR for local weights.") from None
 
 
@@ -101,15 +99,22 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
   return out
 
 
-def check_config(hf_config: dict[str, Any], path: Path | str = "config.json") -> dict[str, Any]:
-  """Returns ``hf_config`` unchanged, or raises CheckpointError if it lacks fields its family needs."""
+def check_config(hf_config: dict[str, Any], required: Mapping[str, Sequence[str]],
+                 path: Path | str = "config.json") -> dict[str, Any]:
+  """Returns ``hf_config`` unchanged, or raises CheckpointError if it lacks fields its family needs.
+
+  ``required`` maps each known ``model_type`` to the config.json fields that
+  fix its parameter shapes. HF's config classes default every one of them, so
+  a config.json that lacks one would build a model of the wrong size and fail
+  later with a confusing shape error.
+  """
   if "model_type" not in hf_config:
     raise CheckpointError(
         f"{path} has no model_type, so the model family is unknown; add e.g. "
-        f"\"model_type\": \"bert\" (one of {', '.join(sorted(REQUIRED_CONFIG_FIELDS))}), or "
+        f"\"model_type\": \"bert\" (one of {', '.join(sorted(required))}), or "
         f"restore config.json from the original model")
   model_type = hf_config["model_type"]
-  missing = [f for f in REQUIRED_CONFIG_FIELDS.get(model_type, ()) if hf_config.get(f) is None]
+  missing = [f for f in required.get(model_type, ()) if hf_config.get(f) is None]
   if missing:
     raise CheckpointError(
         f"{path} lacks {', '.join(missing)}, which a {model_type} model needs to build its "
@@ -118,12 +123,12 @@ def check_config(hf_config: dict[str, Any], path: Path | str = "config.json") ->
   return hf_config
 
 
-def read_config(model_dir: Path) -> dict[str, Any]:
-  """Returns the HF ``config.json`` of a model directory as a dict, checked for its family's fields."""
+def read_config(model_dir: Path, required: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+  """Returns the HF ``config.json`` of a model directory as a dict, checked by ``check_config``."""
   path = Path(model_dir) / "config.json"
   if not path.is_file():
     raise CheckpointError(f"no config.json in {str(model_dir)!r}; is it an HF model directory?")
-  return check_config(_read_json(path, "config.json"), path)
+  return check_config(_read_json(path, "config.json"), required, path)
 
 
 def _corrupt(path: Path, kind: str, e: BaseException) -> CheckpointError:
@@ -237,24 +242,57 @@ def load_weights(params: Mapping, tensors: Mapping[str, np.ndarray], fmt: str,
   out = dict(targets)
   loaded, unused = [], []
   for name, value in tensors.items():
-    if fmt == "flax":
-      mapped = (tuple(name.split("/")), False)
-    else:
+    mapped = (tuple(name.split("/")), False) if fmt == "flax" else name_map(name)
+    if fmt == "flax" and _match(mapped[0], targets, base_prefix) is None:
+      name, value = _as_torch(name, value)  # another layout's Flax names (HF's Flax GPT-2)
       mapped = name_map(name)
     if mapped is None:
       continue
-    path, transpose = mapped
-    target = _match(path, targets, base_prefix)
-    if target is None:
+    paths, transpose = mapped
+    fused = isinstance(paths, list)
+    paths = paths if fused else [paths]
+    found = [_match(tuple(p), targets, base_prefix) for p in paths]
+    if None in found:
       unused.append(name)
       continue
     value = np.asarray(value).T if transpose else np.asarray(value)
-    want = tuple(targets[target].shape)
-    if value.shape != want:
-      raise CheckpointError(
-          f"shape mismatch for parameter {'/'.join(target)} (checkpoint tensor {name!r}): "
-          f"checkpoint {value.shape}, model {want}")
-    out[target] = value.astype(np.dtype(targets[target].dtype))
-    loaded.append("/".join(target))
+    parts = np.split(value, len(found), axis=-1) if fused else [value]
+    for target, part in zip(found, parts):
+      want = tuple(targets[target].shape)
+      if part.shape != want:
+        raise CheckpointError(
+            f"shape mismatch for parameter {'/'.join(target)} (checkpoint tensor {name!r}): "
+            f"checkpoint {part.shape}, model {want}")
+      out[target] = part.astype(np.dtype(targets[target].dtype))
+      loaded.append("/".join(target))
   missing = sorted("/".join(p) for p in targets if "/".join(p) not in set(loaded))
   return traverse_util.unflatten_dict(out), LoadReport(loaded, missing, sorted(unused))
+
+
+def _as_torch(flax_name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+  """Returns the torch name and layout of a Flax tensor (``a/b/kernel`` -> ``a.b.weight``, transposed)."""
+  *module, leaf = flax_name.split("/")
+  value = np.asarray(value).T if leaf == "kernel" else value
+  return ".".join(module + [_TORCH_LEAF.get(leaf, leaf)]), value
+
+
+def invert_name_map(params: Any, name_map: NameMap) -> dict[str, np.ndarray]:
+  """Returns the float32 torch-layout tensors of ``params`` by torch name, via the inverted name map.
+
+  A Flax path ``a/b/kernel`` becomes ``a.b.weight``, and ``name_map`` must
+  send that name back to the same path (it also says whether to transpose), so
+  an export can never drift from the loader. Raises CheckpointError for a
+  parameter whose generated name does not map back (a family whose names
+  need an explicit inverse).
+  """
+  out = {}
+  for path, value in traverse_util.flatten_dict(dict(params)).items():
+    name = ".".join(path[:-1] + (_TORCH_LEAF.get(path[-1], path[-1]),))
+    mapped = name_map(name)
+    if mapped is None or isinstance(mapped[0], list) or tuple(mapped[0]) != tuple(path):
+      raise CheckpointError(f"can't export parameter {'/'.join(path)}: its torch name {name!r} "
+                            f"maps back to {mapped and mapped[0]!r}; this family's name map "
+                            f"needs an explicit inverse")
+    array = np.asarray(value, dtype=np.float32)
+    out[name] = np.ascontiguousarray(array.T if mapped[1] else array)
+  return out

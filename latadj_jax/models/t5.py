@@ -1,4 +1,4 @@
-"""Flax (linen) T5 encoder-decoder with Sort+Eliminate in the encoder.
+"""Flax (linen) T5 encoder-decoder, its encoder run by the one eliminating stack.
 
 Parameter names mirror Hugging Face's Flax T5 (``shared/embedding``,
 ``encoder/block/0/layer/0/SelfAttention/q/kernel``, ``layer_norm/weight``,
@@ -8,9 +8,10 @@ rescaled by ``d_model**-0.5``) and v1.1/Flan-T5 (gated-GELU FFN, untied head).
 It is inference-only (no dropout): the paper applies the method to Flan-T5
 with no training (its Table VI).
 
-Each encoder block attends over all ``N_{l-1}`` word-vectors, then keeps
-``N_l`` of them after the heads are concatenated, before ``o``; ``o``, the
-residual and the FFN run on the kept ones (METHOD.md section 4). The relative
+Each encoder block attends over all ``N_{l-1}`` word-vectors (``attend``); then
+``stack.run`` keeps ``N_l`` of them after the heads are concatenated, before
+``o``; ``o``, the residual and the FFN run on the kept ones (``finish``;
+docs/method.md section 4). The relative
 position bias of every layer is computed from the carried original positions,
 so a kept pair gets the bias of its original distance. The decoder's
 cross-attention sees exactly the surviving encoder states. The relative
@@ -21,30 +22,27 @@ generation with a KV cache is in ``t5_generate``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from latadj_jax.core import elimination
-from latadj_jax.models import attention, t5_attention
-from latadj_jax.models.bert import activation, check_keep_counts
-from latadj_jax.models.t5_attention import T5Attention
-
-MODEL_TYPES = ("t5",)
-BASE_PREFIX = ""  # no body scope: shared, encoder, decoder and lm_head sit at the top
+from latadj_jax.models import attention, checkpoints, interface, stack, t5_layers
+from latadj_jax.models.interface import Batch, Options, Output
+from latadj_jax.models.t5_layers import (T5LayerCrossAttention, T5LayerFF, T5LayerNorm,
+                                          T5LayerSelfAttention)
 
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
   """T5 hyperparameters (the fields of HF's ``T5Config`` that the model uses)."""
   vocab_size: int = 32128
-  d_model: int = 512
-  d_kv: int = 64
-  d_ff: int = 2048
-  num_layers: int = 6
-  num_decoder_layers: int | None = None
+  d_model: int = 512                    # the residual stream's width
+  d_kv: int = 64                        # one head's width (heads * d_kv need not be d_model)
+  d_ff: int = 2048                      # the feed-forward's inner width
+  num_layers: int = 6                   # encoder blocks: the eliminating layers
+  num_decoder_layers: int | None = None  # None: as many as the encoder's
   num_heads: int = 8
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
@@ -58,7 +56,10 @@ class T5Config:
   decoder_start_token_id: int = 0
   dtype: str = "float32"          # activations; parameters stay float32
   selection: str = "gather"       # "gather" or "onehot" token selection
+  survivors: str = "score"        # "score" (the method), "first" or "random": Table VII ablations
   attention_block: int = 0        # encoder: attend this many queries at a time (0: all at once)
+
+  DROPOUT_FIELDS = ()             # inference only
 
   def __post_init__(self):
     if self.num_decoder_layers is None:
@@ -70,13 +71,14 @@ class T5Config:
   def from_hf(cls, hf_config: Any, **overrides: Any) -> "T5Config":
     """Returns a T5Config from an HF config object or dict, with overrides applied."""
     src = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
-    # HF's "dtype" is the checkpoint's storage type, not our activation type.
-    fields = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
-    kwargs = {k: v for k, v in src.items() if k in fields and v is not None}
+    kwargs = {k: v for k, v in interface.fields_from_hf(cls, src).items() if v is not None}
     if isinstance(kwargs.get("eos_token_id"), (list, tuple)):
       kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
-    kwargs.update(overrides)
-    return cls(**kwargs)
+    return cls(**{**kwargs, **overrides})
+
+  @property
+  def max_positions(self) -> None:
+    return None  # relative positions: no limit of the model's own
 
   @property
   def is_gated(self) -> bool:
@@ -88,81 +90,6 @@ class T5Config:
     if self.feed_forward_proj == "gated-gelu":
       return "gelu_new"
     return self.feed_forward_proj.split("-")[-1]
-
-
-_normal = nn.initializers.normal
-
-
-class T5LayerNorm(nn.Module):
-  """RMS norm: no mean subtraction and no bias; the variance is taken in float32."""
-  config: T5Config
-
-  @nn.compact
-  def __call__(self, x_BxNxD):
-    cfg = self.config
-    weight_D = self.param("weight", nn.initializers.ones, (cfg.d_model,))
-    x = x_BxNxD.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.layer_norm_epsilon)
-    return (weight_D * x).astype(cfg.dtype)
-
-
-class T5LayerSelfAttention(nn.Module):
-  config: T5Config
-  has_relative_bias: bool = False
-
-  def setup(self):
-    self.SelfAttention = T5Attention(self.config, self.has_relative_bias)
-    self.layer_norm = T5LayerNorm(self.config)
-
-  def qkv(self, h_BxNxD):
-    """Returns q, k, v (BxNxHxK) of the normalised input."""
-    a, x = self.SelfAttention, self.layer_norm(h_BxNxD)
-    return a.heads(a.q, x), a.heads(a.k, x), a.heads(a.v, x)
-
-
-class T5LayerCrossAttention(nn.Module):
-  config: T5Config
-
-  def setup(self):
-    self.EncDecAttention = T5Attention(self.config)
-    self.layer_norm = T5LayerNorm(self.config)
-
-  def __call__(self, h_BxQxD, k_BxSxHxK, v_BxSxHxK, allowed_BxQxS):
-    """Returns h + attention over the encoder's k/v (cross-attention has no position bias)."""
-    a = self.EncDecAttention
-    q = a.heads(a.q, self.layer_norm(h_BxQxD))
-    zero_bias = jnp.zeros((1, 1, 1, 1), jnp.float32)
-    ctx, _ = a.attend(q, k_BxSxHxK, v_BxSxHxK, zero_bias, allowed_BxQxS)
-    return h_BxQxD + a.o(ctx)
-
-
-class T5LayerFF(nn.Module):
-  config: T5Config
-
-  def setup(self):
-    self.DenseReluDense = T5DenseFF(self.config)
-    self.layer_norm = T5LayerNorm(self.config)
-
-  def __call__(self, h_BxNxD):
-    return h_BxNxD + self.DenseReluDense(self.layer_norm(h_BxNxD))
-
-
-class T5DenseFF(nn.Module):
-  """``wi`` -> act -> ``wo`` (v1.0), or act(``wi_0``) * ``wi_1`` -> ``wo`` (gated, v1.1)."""
-  config: T5Config
-
-  @nn.compact
-  def __call__(self, x_BxNxD):
-    cfg, f = self.config, self.config.initializer_factor
-    dense = lambda n, std, name: nn.Dense(n, use_bias=False, dtype=cfg.dtype, name=name,
-                                          kernel_init=_normal(f * std))
-    act = activation(cfg.act)
-    if cfg.is_gated:
-      f_BxNxF = (act(dense(cfg.d_ff, cfg.d_model ** -0.5, "wi_0")(x_BxNxD))
-                 * dense(cfg.d_ff, cfg.d_model ** -0.5, "wi_1")(x_BxNxD))
-    else:
-      f_BxNxF = act(dense(cfg.d_ff, cfg.d_model ** -0.5, "wi")(x_BxNxD))
-    return dense(cfg.d_model, cfg.d_ff ** -0.5, "wo")(f_BxNxF)
 
 
 class T5Block(nn.Module):
@@ -183,8 +110,8 @@ class T5Block(nn.Module):
     """Returns the relative position bias (only block 0 has the table; HF shares it)."""
     return self.sub[0].SelfAttention.bias(pos_q_BxQ, pos_k_BxK, not self.decoder)
 
-  def encode(self, h_BxNxD, carry: dict, bias_of, n_keep: int, with_scores: bool):
-    """Returns (h_BxKxD, carry at the kept positions, SV_BxN or None).
+  def attend(self, h_BxNxD, carry: dict, queries: dict, bias_of: Callable):
+    """Returns (ctx_BxNxF, column sums, None): the encoder self-attention, for ``stack.run``.
 
     ``bias_of(start, size)`` returns the position bias of queries ``start ..
     start+size-1``, BxHxsizexN; the attention runs ``attention_block`` queries at a
@@ -193,29 +120,23 @@ class T5Block(nn.Module):
     cfg, sa = self.config, self.sub[0]
     q, k, v = sa.qkv(h_BxNxD)
     valid = carry["valid"]
-    N = valid.shape[1]
+    B, N = valid.shape
 
     def probs_of(start, size):
       rows = jax.lax.dynamic_slice_in_dim(q, start, size, axis=1)
-      allowed = jnp.broadcast_to(valid[:, None, :], (valid.shape[0], size, N))
-      return t5_attention.attention_probs(rows, k, bias_of(start, size), allowed)
+      allowed = jnp.broadcast_to(valid[:, None, :], (B, size, N))
+      return t5_layers.attention_probs(rows, k, bias_of(start, size), allowed)
 
     def context_of(probs, start, size):
       ctx = attention.context(probs.astype(cfg.dtype), v)
       return ctx.reshape(ctx.shape[:2] + (-1,))
 
-    weights = {"score": valid} if with_scores or n_keep < N else None
     ctx_BxNxF, sums = attention.query_blocked(probs_of, context_of, N, cfg.attention_block,
-                                              weights)
-    sv_BxN = elimination.finish_scores(sums["score"], valid) if weights else None
-    if n_keep < N:
-      names = sorted(carry)
-      _, ctx_BxNxF, h_BxNxD, *kept = elimination.eliminate(
-          sv_BxN, carry["valid"], carry["protect"], n_keep, ctx_BxNxF, h_BxNxD,
-          *(carry[n] for n in names), method=cfg.selection)
-      carry = dict(zip(names, kept))
-    h_BxKxD = h_BxNxD + sa.SelfAttention.o(ctx_BxNxF)
-    return self.sub[1](h_BxKxD), carry, sv_BxN
+                                              queries)
+    return ctx_BxNxF, sums, None
+
+  def finish(self, h_BxKxD, ctx_BxKxF):
+    return self.sub[1](h_BxKxD + self.sub[0].SelfAttention.o(ctx_BxKxF))
 
   def cross_kv(self, enc_BxSxD):
     """Returns (k, v) of the encoder states for this block's cross-attention."""
@@ -269,30 +190,41 @@ class T5Stack(nn.Module):
   def layers(self) -> list[T5Block]:
     return [b.layer for b in self.block.blocks]
 
-  def encode(self, h_BxNxD, carry, keep_counts, with_scores):
-    """Returns (h_BxKxD after final_layer_norm, carry, aux with per-layer positions/scores/ACC)."""
+  def encoder_layers(self) -> list["EncoderLayer"]:
+    """Returns the blocks with the relative-bias table they share (block 0 holds it, as in HF)."""
     blocks = self.layers()
-    aux = {"scores": [], "acc": [], "positions": []}
     table = blocks[0].sub[0].SelfAttention.relative_attention_bias.embedding
-    distance = self.config.relative_attention_max_distance
-    bias = None
-    for block, n_keep in zip(blocks, keep_counts):
-      pos = carry["positions"]
-      if self.config.attention_block > 0:  # each query block's bias, never the whole N x N
-        bias_of = lambda start, size, pos=pos: t5_attention.position_bias(
-            table, jax.lax.dynamic_slice_in_dim(pos, start, size, axis=1), pos, True, distance)
-      else:
-        if bias is None:  # positions change only where a layer eliminated
-          bias = blocks[0].bias(pos, pos)
-        bias_of = lambda start, size, bias=bias: bias
-      valid_before, n_before = carry["valid"], h_BxNxD.shape[1]
-      h_BxNxD, carry, sv_BxN = block.encode(h_BxNxD, carry, bias_of, n_keep, with_scores)
-      bias = bias if n_keep == n_before else None
-      aux["positions"].append(carry["positions"])
-      if with_scores:
-        aux["scores"].append(sv_BxN)
-        aux["acc"].append(elimination.acc(sv_BxN, valid_before))
-    return self.final_layer_norm(h_BxNxD), carry, aux
+    biases = {}  # one bias per positions array: they change only where a layer eliminated
+    return [EncoderLayer(b, table, self.config.relative_attention_max_distance,
+                         self.config.attention_block, biases) for b in blocks]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderLayer:
+  """An encoder block as ``stack.run`` sees it: with the stack's shared position bias."""
+  block: T5Block
+  table: jax.Array
+  max_distance: int
+  query_block: int
+  biases: dict
+
+  def attend(self, h_BxNxD, carry: dict, queries: dict, deterministic: bool):
+    pos = carry["positions"]
+    if self.query_block > 0:  # each query block's bias, never the whole N x N
+      bias_of = lambda start, size: t5_layers.position_bias(
+          self.table, jax.lax.dynamic_slice_in_dim(pos, start, size, axis=1), pos, True,
+          self.max_distance)
+    else:
+      if id(pos) not in self.biases:
+        self.biases.clear()
+        self.biases[id(pos)] = t5_layers.position_bias(self.table, pos, pos, True,
+                                                          self.max_distance)
+      bias = self.biases[id(pos)]
+      bias_of = lambda start, size: bias
+    return self.block.attend(h_BxNxD, carry, queries, bias_of)
+
+  def finish(self, h_BxKxD, ctx_BxKxF, deterministic: bool):
+    return self.block.finish(h_BxKxD, ctx_BxKxF)
 
 
 class T5ForConditionalGeneration(nn.Module):
@@ -302,36 +234,32 @@ class T5ForConditionalGeneration(nn.Module):
   def setup(self):
     cfg = self.config
     self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
-                           embedding_init=_normal(cfg.initializer_factor))
+                           embedding_init=nn.initializers.normal(cfg.initializer_factor))
     self.encoder = T5Stack(cfg, decoder=False)
     self.decoder = T5Stack(cfg, decoder=True)
     if not cfg.tie_word_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
-                              kernel_init=_normal(cfg.initializer_factor))
+                              kernel_init=nn.initializers.normal(cfg.initializer_factor))
 
-  def encode(self, input_ids, attention_mask=None, keep_counts: Sequence[int] | None = None,
-             output_scores: bool = False) -> dict:
-    """Returns a dict: last_hidden_state [B, N_L, D], mask, positions, layer_positions, ...
-
-    ``keep_counts`` must be static (Python ints); ``mask`` and ``positions``
-    give the validity and original position of each surviving encoder state.
-    """
+  def encode(self, batch: Batch, keep_counts: Sequence[int] | None = None,
+             options: Options = interface.INFERENCE) -> Output:
+    """Returns the surviving encoder states (after ``final_layer_norm``); counts static ints."""
     cfg = self.config
-    B, N = input_ids.shape
-    counts = check_keep_counts(keep_counts, N, cfg.num_layers)
-    valid_BxN = jnp.ones((B, N), bool) if attention_mask is None else attention_mask.astype(bool)
+    B, N = batch.input_ids.shape
+    counts = interface.check_keep_counts(keep_counts, N, cfg.num_layers)
+    valid_BxN = interface.valid_of(batch, B, N)
     # Nothing is protected: T5 has no [CLS], and the decoder reads every encoder
     # state through cross-attention, so no single token is the readout. Pads rank
     # below every valid token, so each row keeps at least one valid state.
-    carry = {"valid": valid_BxN,
-             "positions": jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N)),
-             "protect": jnp.zeros((B, N), bool)}
-    h_BxKxD, carry, aux = self.encoder.encode(self.shared(input_ids), carry, counts, output_scores)
-    out = {"last_hidden_state": h_BxKxD, "mask": carry["valid"],
-           "positions": carry["positions"], "layer_positions": aux["positions"]}
-    if output_scores:
-      out["scores"], out["acc"] = aux["scores"], jnp.stack(aux["acc"], axis=-1)
-    return out  # with output_scores, also "scores" (per layer SV_BxN) and "acc" [B, L]
+    carry = interface.start_carry(valid_BxN, jnp.zeros((B, N), bool))
+    h_BxKxD, carry, aux = stack.run(self.encoder.encoder_layers(), self.shared(batch.input_ids),
+                                    carry, counts, stack.Survivors.of(cfg, causal=False), options)
+    return Output(
+        last_hidden_state=self.encoder.final_layer_norm(h_BxKxD), mask=carry["valid"],
+        positions=carry["positions"], layer_positions=tuple(aux["positions"]),
+        scores=tuple(aux["scores"]) if options.scores else None,
+        acc=jnp.stack(aux["acc"], axis=-1) if options.scores else None,
+        hidden_states=tuple(aux["hidden"]) if options.hidden else None)
 
   def head(self, h_BxND):
     """Returns float32 logits; a v1.0 (tied) model rescales by ``d_model**-0.5`` first."""
@@ -380,24 +308,14 @@ class T5ForConditionalGeneration(nn.Module):
       new.append(cache)
     return self.head(self.decoder.final_layer_norm(h_Bx1xD))[:, 0], new
 
-  def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None,
-               decoder_attention_mask=None, keep_counts: Sequence[int] | None = None,
-               output_scores: bool = False) -> dict:
-    """Returns the encoder's dict plus ``logits`` [B, T, V] for ``decoder_input_ids``."""
-    out = self.encode(input_ids, attention_mask, keep_counts, output_scores)
-    out["logits"] = self.decode(decoder_input_ids, out["last_hidden_state"], out["mask"],
-                                decoder_attention_mask)
-    return out
-
-
-def build(hf_config: dict, head: str = "seq2seq", **overrides: Any):
-  """Returns ``(module, config, dummy_inputs)`` for an HF T5 config dict."""
-  cfg = T5Config.from_hf(hf_config, **overrides)
-  if head != "seq2seq":
-    raise ValueError(f"T5 has no {head!r} head; use head='seq2seq'")
-  dummy = lambda: (jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32),
-                   jnp.zeros((1, 4), jnp.int32))
-  return T5ForConditionalGeneration(cfg), cfg, dummy
+  def __call__(self, batch: Batch, keep_counts: Sequence[int] | None = None,
+               options: Options = interface.INFERENCE) -> Output:
+    """Returns the encoder's output, with ``logits`` [B, T, V] when the batch has decoder inputs."""
+    out = self.encode(batch, keep_counts, options)
+    if batch.decoder_input_ids is None:
+      return out
+    return out.replace(logits=self.decode(batch.decoder_input_ids, out.last_hidden_state,
+                                          out.mask, batch.decoder_attention_mask))
 
 
 def torch_name_map(name: str) -> tuple[tuple[str, ...], bool] | None:
@@ -413,3 +331,12 @@ def torch_name_map(name: str) -> tuple[tuple[str, ...], bool] | None:
   if leaf == "weight":
     return module + ("kernel",), True  # torch Linear stores [out, in] (q/k/v/o, wi*, wo, lm_head)
   return module + (leaf,), False
+
+
+FAMILY = interface.register(interface.Family(
+    name="t5", kind="seq2seq", config_from_hf=T5Config.from_hf,
+    heads={"seq2seq": T5ForConditionalGeneration}, name_map=torch_name_map,
+    to_torch=lambda params: checkpoints.invert_name_map(params, torch_name_map),
+    base_prefix="", checkpoint_holds_all=True,
+    hf_classes={"seq2seq": "T5ForConditionalGeneration"},
+    required_fields=("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")), "t5")

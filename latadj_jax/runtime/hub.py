@@ -21,6 +21,14 @@ class Unavailable(RuntimeError):
   """Something a run needs can't be had (data, the hub); the message says what was tried and the fix."""
 
 
+class HubError(Exception):
+  """Mixed into a loader's own error when the HF hub could not serve what a run asked for.
+
+  ``train.py`` adds the fully offline recipe to such an error; a bad local path
+  or file raises the loader's plain error, whose message already names the fix.
+  """
+
+
 def env_true(name: str) -> bool:
   return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 

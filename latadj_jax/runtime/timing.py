@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Timed:
+  """One real batch's compiled forward at one schedule, ready to time."""
+  run: Callable[[], Any]      # zero-argument call
+  flops: float = math.nan     # XLA's count (``timing.compiled_flops``), when it is one executable
+  units: int = 0              # examples or tokens one call processes, for a throughput column
+  unit: str = ""
 
 
 def compiled_flops(compiled: jax.stages.Compiled) -> float:

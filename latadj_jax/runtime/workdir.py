@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -82,6 +82,16 @@ class Run:
   config: ml_collections.ConfigDict
   hf_config: dict
   profile: tuple[float, ...]
+
+
+def run_kind(config: Any, known: Sequence[str]) -> str:
+  """Returns a workdir config's ``run`` (one of ``known``), or raises WorkdirError saying what to do."""
+  kind = config.get("run")
+  if kind not in known:
+    raise WorkdirError(f"this workdir's run is {kind!r}; this command takes {', '.join(known)} "
+                       f"runs" + ("" if kind else " (a workdir trained before runs were named: "
+                                  "retrain it with train.py)"))
+  return kind
 
 
 def load_run(workdir: str | Path) -> Run:

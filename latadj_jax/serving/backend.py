@@ -22,7 +22,8 @@ from latadj_jax.core import schedule
 from latadj_jax.data import pipeline
 from latadj_jax.runtime import timing
 from latadj_jax.serving import policy, predictor
-from latadj_jax.tuning import evaluate, offline, targets
+from latadj_jax.runtime.executables import ExecutableCache
+from latadj_jax.tuning import offline, targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,7 @@ class ServedModel:
     self.max_len = restored.run.config.max_len
     self.task = restored.task
     disk = restored.run.workdir / EXECUTABLES
-    base = offline.classifier(restored, cache=evaluate.ExecutableCache(disk_dir=disk))
+    base = offline.classifier(restored, cache=ExecutableCache(disk_dir=disk))
     self._clfs = {b: dataclasses.replace(base, batch_size=b) for b in self.batch_sizes}
     self.cache = base.cache
     self._pad_id = restored.tokenizer.pad_token_id or 0
@@ -127,7 +128,7 @@ class ServedModel:
   def measure_table(self, repeats: int = 5) -> policy.LatencyTable:
     """Returns the median ms of every (bucket, batch, k) on a synthetic full-length batch."""
     ms: dict[int, dict[int, dict[float, float]]] = {}
-    vocab = self.restored.pre.config.vocab_size
+    vocab = self.restored.pre.model.vocab_size
     for bucket in self.buckets:
       for b in self.batch_sizes:
         batch = targets.synthetic_batch(b, bucket, vocab)

@@ -13,10 +13,8 @@ and the ``k`` the model was trained at. HF PyTorch loads it with
 profile; ``latadj_jax.models.from_pretrained(HF_DIR)`` loads it back, and the
 profile rides along in ``config.json`` under ``"latadj"``.
 
-The weight names come from inverting each family's torch name map: a Flax path
-``a/b/kernel`` becomes ``a.b.weight``, and the family's own map must send that
-name back to the same path (it also says whether to transpose), so the export
-can never drift from the loader.
+The weight names come from the family's own name map, inverted
+(``Family.to_torch``), so the export can never drift from the loader.
 """
 
 from __future__ import annotations
@@ -25,17 +23,11 @@ import argparse
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-import numpy as np
-from flax import traverse_util
+from typing import Any, Sequence
 
 from latadj_jax.runtime import cli
 from latadj_jax.runtime import workdir as wd
 
-# The HF class that loads each (family, head), as written into config.json "architectures".
-ARCHITECTURES = {("bert", "classification"): "BertForSequenceClassification",
-                 ("gpt2", "lm"): "GPT2LMHeadModel"}
 # HF's GLUE label names (the `datasets` features), in label-id order.
 GLUE_LABELS = {
     "cola": ("unacceptable", "acceptable"), "sst2": ("negative", "positive"),
@@ -43,8 +35,6 @@ GLUE_LABELS = {
     "qnli": ("entailment", "not_entailment"), "rte": ("entailment", "not_entailment"),
     "mnli": ("entailment", "neutral", "contradiction"), "wnli": ("not_entailment", "entailment"),
 }
-# Flax leaf name -> torch leaf name; the family's name map decides the transpose.
-_TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
 # HF config keys that describe the checkpoint we started from, not the exported one.
 _STALE_KEYS = ("architectures", "dtype", "torch_dtype", "_name_or_path", "transformers_version",
                "_attn_implementation_autoset")
@@ -52,25 +42,6 @@ _STALE_KEYS = ("architectures", "dtype", "torch_dtype", "_name_or_path", "transf
 
 class ExportError(ValueError):
   """The workdir can't be exported; the message says why and what to do."""
-
-
-def torch_state(params: Any, name_map: Callable[[str], Any]) -> dict[str, np.ndarray]:
-  """Returns the float32 torch-layout tensors of ``params`` by torch name, via the inverted name map.
-
-  Raises ExportError when the family's map does not send a generated name back
-  to the parameter it came from (a family whose names this rule can't invert).
-  """
-  out = {}
-  for path, value in traverse_util.flatten_dict(dict(params)).items():
-    name = ".".join(path[:-1] + (_TORCH_LEAF.get(path[-1], path[-1]),))
-    mapped = name_map(name)
-    if mapped is None or tuple(mapped[0]) != tuple(path):
-      raise ExportError(f"can't export parameter {'/'.join(path)}: its torch name {name!r} maps "
-                        f"back to {mapped and '/'.join(mapped[0])!r}; this family's name map "
-                        f"needs an explicit inverse")
-    array = np.asarray(value, dtype=np.float32)
-    out[name] = np.ascontiguousarray(array.T if mapped[1] else array)
-  return out
 
 
 def label_names(config: Any, num_labels: int, labels: Sequence[str] | None = None) -> list[str]:
@@ -88,25 +59,35 @@ def label_names(config: Any, num_labels: int, labels: Sequence[str] | None = Non
 
 
 def _restore(workdir: Path):
-  """Returns ``(run, module, params, tokenizer, head, step)`` of a workdir's latest checkpoint."""
+  """Returns ``(run, model, params, tokenizer, step)`` of a workdir's latest checkpoint."""
   run = wd.load_run(workdir)
-  if run.config.get("task") == "lm":
-    from latadj_jax.tasks import lm_eval
-    r = lm_eval.restore(workdir)
-    return run, r.module, r.params, r.tokenizer, "lm", r.step
+  restorers = {"classifier": _restore_classifier, "lm": _restore_lm}  # by config.run
+  return (run, *restorers[wd.run_kind(run.config, tuple(restorers))](workdir))
+
+
+def _restore_classifier(workdir: Path) -> tuple:
   from latadj_jax.tuning import offline
   r = offline.restore(workdir)
-  return run, r.pre.module, r.pre.params, r.tokenizer, "classification", r.step
+  return r.pre.model, r.pre.params, r.tokenizer, r.step
 
 
-def hf_config(run: wd.Run, head: str, labels: Sequence[str] | None, num_labels: int) -> dict:
+def _restore_lm(workdir: Path) -> tuple:
+  from latadj_jax.tasks import lm_eval
+  r = lm_eval.restore(workdir)
+  return r.model, r.params, r.tokenizer, r.step
+
+
+def hf_config(run: wd.Run, model, labels: Sequence[str] | None) -> dict:
   """Returns the exported ``config.json``: the model's HF config, its class, labels and our profile."""
   cfg = {k: v for k, v in run.hf_config.items() if k not in _STALE_KEYS}
-  arch = ARCHITECTURES.get((cfg.get("model_type"), head))
+  head = model.head
+  arch = model.family.hf_classes.get(head)
   if arch is None:
     raise ExportError(f"no HF class for a {cfg.get('model_type')!r} {head} model; export "
-                      f"supports {', '.join(f'{t} {h}' for t, h in ARCHITECTURES)}")
+                      f"supports the heads {', '.join(model.family.hf_classes) or 'none'} of "
+                      f"{cfg.get('model_type')!r}")
   cfg["architectures"] = [arch]
+  num_labels = int(getattr(model.config, "num_labels", 0))
   if head == "classification":
     names = label_names(run.config, num_labels, labels)
     cfg["id2label"] = {str(i): n for i, n in enumerate(names)}
@@ -125,7 +106,7 @@ def model_card(run: wd.Run, cfg: dict, head: str, step: int) -> str:
   lat = cfg["latadj"]
   base = str(run.config.get("model", "")) or "random initialisation"
   is_hub_id = base.count("/") <= 1 and not base.startswith((".", "/", "~")) and " " not in base
-  task = run.config.get("task", "")
+  task = run.config.get("task", run.config.run)
   front = ["---", "library_name: transformers",
            f"pipeline_tag: {'text-generation' if head == 'lm' else 'text-classification'}",
            "tags:", "- latency-adjustable-transformer", "- latadj-jax"]
@@ -159,7 +140,7 @@ def model_card(run: wd.Run, cfg: dict, head: str, step: int) -> str:
       "", "```python", "from latadj_jax import models, schedule",
       "pre = models.from_pretrained(DIR)",
       "counts = schedule.keep_counts(n0, k, pre.hf_config['latadj']['profile'])  # n0: input length",
-      "out = pre.module.apply({'params': pre.params}, input_ids, attention_mask, keep_counts=counts)",
+      "out = pre.model.apply(pre.params, models.Batch(input_ids, attention_mask), counts)",
       "```", ""]
   lines += _results_table(run.workdir)
   return "\n".join(lines) + "\n"
@@ -187,21 +168,23 @@ def export(workdir: str | Path, out: str | Path, labels: Sequence[str] | None = 
   """Returns ``out`` after writing the HF directory of a workdir's latest checkpoint into it."""
   from safetensors.numpy import save_file
 
-  from latadj_jax import models
+  from latadj_jax.models.checkpoints import CheckpointError
   workdir, out = Path(workdir).expanduser(), Path(out).expanduser()
   if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
     raise ExportError(f"{out} exists and is not an exported model directory; pick an empty --out")
-  run, module, params, _, head, step = _restore(workdir)
-  num_labels = int(getattr(module.config, "num_labels", 0))
-  cfg = hf_config(run, head, labels, num_labels)
-  state = torch_state(params, models.family(cfg).torch_name_map)
+  run, model, params, _, step = _restore(workdir)
+  cfg = hf_config(run, model, labels)
+  try:
+    state = model.family.to_torch(params)
+  except CheckpointError as e:
+    raise ExportError(str(e)) from None
   out.mkdir(parents=True, exist_ok=True)
   save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
   wd.write_json(out / "config.json", cfg)
   for f in sorted((workdir / wd.TOKENIZER).iterdir()):
     if f.is_file():
       shutil.copy2(f, out / f.name)
-  (out / "README.md").write_text(model_card(run, cfg, head, step))
+  (out / "README.md").write_text(model_card(run, cfg, model.head, step))
   return out
 
 

@@ -15,7 +15,9 @@ from typing import Sequence, Union
 import numpy as np
 
 from latadj_jax.data import pipeline, sources
-from latadj_jax.tuning import evaluate, offline, targets
+from latadj_jax.runtime.executables import ExecutableCache
+from latadj_jax.tasks import classify
+from latadj_jax.tuning import offline, targets
 
 Inputs = Union[Sequence[str], Sequence[tuple[str, str]]]
 
@@ -58,8 +60,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def to_prediction(logits: np.ndarray, is_regression: bool) -> Prediction:
   """Returns the Prediction for logits: scores (regression) or labels and probabilities."""
   if is_regression:
-    return Prediction(logits, scores=evaluate.predictions(logits, True))
-  return Prediction(logits, labels=evaluate.predictions(logits, False),
+    return Prediction(logits, scores=classify.predictions(logits, True))
+  return Prediction(logits, labels=classify.predictions(logits, False),
                     probabilities=softmax(logits))
 
 
@@ -82,7 +84,7 @@ class Predictor:
   """
 
   def __init__(self, restored: offline.Restored, profile: Sequence[float],
-               choices: dict[int, targets.Choice], cache: evaluate.ExecutableCache | None = None):
+               choices: dict[int, targets.Choice], cache: ExecutableCache | None = None):
     self.restored = restored
     self.profile = tuple(profile)
     self.choices = dict(choices)
@@ -92,7 +94,7 @@ class Predictor:
   def from_workdir(cls, workdir: str | Path, coeff: float | None = None,
                    speedup: float | None = None, latency_ms: float | None = None, *,
                    batch_size: int = 0, profile: str = "",
-                   cache: evaluate.ExecutableCache | None = None) -> "Predictor":
+                   cache: ExecutableCache | None = None) -> "Predictor":
     """Returns a predictor for a trained workdir at k, a speedup target or a latency budget."""
     # Choose first: it needs no weights, so a bad target fails before the model loads.
     choices = offline.choose(workdir, coeff=coeff, speedup=speedup, latency_ms=latency_ms,
@@ -106,7 +108,7 @@ class Predictor:
     return {b: c.counts for b, c in self.choices.items()}
 
   @property
-  def cache(self) -> evaluate.ExecutableCache:
+  def cache(self) -> ExecutableCache:
     return self._clf.cache
 
   @property

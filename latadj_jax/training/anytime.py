@@ -1,6 +1,6 @@
 """Anytime training: one fine-tuning run that is accurate at every ``k`` of a range.
 
-Offline tuning (METHOD.md section 6) promises any ``k`` at inference from one
+Offline tuning (docs/method.md section 6) promises any ``k`` at inference from one
 set of weights. A model trained at a single ``k`` only ever sees that
 schedule, so it degrades quickly below it. Anytime training shows the model the
 whole range, after the Length-Adaptive Transformer's LengthDrop (sandwich rule,
@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from latadj_jax import models
 from latadj_jax.core import schedule
 
 TEACHERS = ("full", "frozen", "largest")
@@ -197,7 +198,7 @@ def distill_loss(teacher_BxC: jax.Array, student_BxC: jax.Array, is_regression: 
   return (t * t) * kl_B
 
 
-def loss_terms(params, batch: dict, rng: jax.Array, frozen: Any = None, *, module,
+def loss_terms(params, batch: dict, rng: jax.Array, frozen: Any = None, *, model,
                spec: AnytimeSpec, schedules: dict[float, tuple[int, ...]],
                sampled: Sequence[float], is_regression: bool) -> dict[str, jax.Array]:
   """Returns the weighted loss sums of one (local) batch: the teacher's label term and each student's.
@@ -207,9 +208,8 @@ def loss_terms(params, batch: dict, rng: jax.Array, frozen: Any = None, *, modul
   frozen teacher's parameters (``teacher="frozen"`` only).
   """
   def logits_at(p, counts, i: int, dropout: bool) -> jax.Array:
-    return module.apply({"params": p}, batch["input_ids"], batch["attention_mask"],
-                        batch["token_type_ids"], keep_counts=counts, deterministic=not dropout,
-                        rngs={"dropout": jax.random.fold_in(rng, i)} if dropout else None)["logits"]
+    return model.apply(p, models.Batch.of(batch), counts, options=models.Options(train=dropout),
+                       rng=jax.random.fold_in(rng, i) if dropout else None).logits
 
   w_B = batch["weights"]
   terms = {}

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from latadj_jax import models
 from latadj_jax.core import metrics, schedule
 from latadj_jax.data import pipeline, splits
 from latadj_jax.runtime import multihost
@@ -30,41 +31,42 @@ from latadj_jax.training.loop import (
   run_loop,
   shard_batch,
 )
-from latadj_jax.tuning import evaluate, report
+from latadj_jax.runtime.executables import ExecutableCache
+from latadj_jax.tasks import classify
+from latadj_jax.tuning import report, sweep
 
 
-def loss_sums(params, batch, rng, *, module, keep_counts, is_regression) -> tuple[jax.Array, jax.Array]:
+def loss_sums(params, batch, rng, *, model, keep_counts, is_regression) -> tuple[jax.Array, jax.Array]:
   """Returns (sum of weighted per-example losses, sum of weights) for one (local) batch."""
-  logits = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                        batch["token_type_ids"], keep_counts=keep_counts, deterministic=False,
-                        rngs={"dropout": rng})["logits"]
+  logits = model.apply(params, models.Batch.of(batch), keep_counts, options=models.Options(train=True),
+                       rng=rng).logits
   per_example = anytime.label_loss(logits, batch["labels"], is_regression)
   return jnp.sum(per_example * batch["weights"]), jnp.sum(batch["weights"])
 
 
-def single_terms(params, batch, rng, frozen=None, *, module, keep_counts,
+def single_terms(params, batch, rng, frozen=None, *, model, keep_counts,
                  is_regression) -> dict[str, jax.Array]:
   """Returns the one loss term of training at a single coefficient."""
-  return {"label": loss_sums(params, batch, rng, module=module, keep_counts=keep_counts,
+  return {"label": loss_sums(params, batch, rng, model=model, keep_counts=keep_counts,
                              is_regression=is_regression)[0]}
 
 
-def compiled_step(mesh, module, keep_counts, is_regression):
+def compiled_step(mesh, model, keep_counts, is_regression):
   """Returns the jitted, data-parallel train step for one keep-count schedule (state donated)."""
-  return jit_step(mesh, functools.partial(single_terms, module=module, keep_counts=keep_counts,
+  return jit_step(mesh, functools.partial(single_terms, model=model, keep_counts=keep_counts,
                                            is_regression=is_regression))
 
 
-def compiled_anytime_step(mesh, module, spec: anytime.AnytimeSpec,
+def compiled_anytime_step(mesh, model, spec: anytime.AnytimeSpec,
                           schedules: dict[float, tuple[int, ...]], sampled: tuple[float, ...],
                           is_regression):
   """Returns the jitted anytime train step of one bucket and one draw of middle coefficients."""
-  return jit_step(mesh, functools.partial(anytime.loss_terms, module=module, spec=spec,
+  return jit_step(mesh, functools.partial(anytime.loss_terms, model=model, spec=spec,
                                            schedules=schedules, sampled=sampled,
                                            is_regression=is_regression))
 
 
-def make_anytime_step(mesh, *, module, spec: anytime.AnytimeSpec, profile, buckets,
+def make_anytime_step(mesh, *, model, spec: anytime.AnytimeSpec, profile, buckets,
                       is_regression, seed: int) -> Callable:
   """Returns step(state, host batch, rng) for anytime training (see ``latadj_jax.training.anytime``).
 
@@ -73,7 +75,7 @@ def make_anytime_step(mesh, *, module, spec: anytime.AnytimeSpec, profile, bucke
   """
   schedules = {b: {k: schedule.keep_counts(b, k, profile) for k in spec.coeffs} for b in buckets}
   return anytime.dispatcher(
-      spec, seed, lambda bucket, sampled: compiled_anytime_step(mesh, module, spec, schedules[bucket],
+      spec, seed, lambda bucket, sampled: compiled_anytime_step(mesh, model, spec, schedules[bucket],
                                                                sampled, is_regression),
       lambda batch: shard_batch(batch, mesh))
 
@@ -94,9 +96,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   is_main = jax.process_index() == 0
   if is_main:
     wd.save_metadata(workdir, config, pre.hf_config, tokenizer)
-  num_layers = pre.config.num_hidden_layers
-  ep = profiling.resolve_profile(config, workdir, pre, train_enc, buckets, num_layers, is_main)
-  schedules = evaluate.schedules_for(config.coeff, ep, buckets)
+  ep = profiling.resolve_profile(config, workdir, pre, train_enc, buckets, is_main)
+  schedules = sweep.schedules_for(config.coeff, ep, buckets)
   check_batch_size(config.batch_size)
 
   spec = anytime.spec_from_config(config)
@@ -107,12 +108,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                        "--config.init_from=STAGE1_WORKDIR (or use --config.teacher=full)")
     frozen = jax.tree.map(jnp.copy, pre.params)  # its own buffers: the live params are donated
   if spec is not None:
-    make_step = functools.partial(make_anytime_step, module=pre.module, spec=spec, profile=ep,
+    make_step = functools.partial(make_anytime_step, model=pre.model, spec=spec, profile=ep,
                                   buckets=buckets, is_regression=task.is_regression,
                                   seed=config.seed)
   else:
     def make_step(mesh):
-      steps = {b: compiled_step(mesh, pre.module, schedules[b], task.is_regression)
+      steps = {b: compiled_step(mesh, pre.model, schedules[b], task.is_regression)
                for b in buckets}
       return lambda state, batch, rng: steps[batch["input_ids"].shape[1]](
           state, shard_batch(batch, mesh), rng)
@@ -125,13 +126,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       count=lambda batch: int(batch["weights"].sum()),
       unit="examples",
       evaluate=functools.partial(evaluate_with_selection, config, pre, eval_enc, buckets, ep,
-                                 task, evaluate.ExecutableCache()),
+                                 task, ExecutableCache()),
       extra_log=lambda out, batch: {k: float(v) for k, v in out.items() if k != "loss"})
   steps_per_epoch = pipeline.num_batches(train_enc, config.batch_size, buckets)
-  state, eval_metrics = run_loop(config, workdir, pre.module.apply, pre.params, steps_per_epoch,
-                                 loop, is_main, frozen=frozen)
+  state, eval_metrics = run_loop(config, workdir, pre.params, steps_per_epoch, loop, is_main,
+                                 frozen=frozen)
   if config.eval_coeffs and is_main:  # timed on process 0's device alone
-    report.sweep_and_report(config, pre, multihost.host_local(state.params), eval_enc, buckets,
+    report.classifier_sweep(config, pre, multihost.host_local(state.params), eval_enc, buckets,
                             ep, task, workdir)
   multihost.wait_for_all("train_and_evaluate: done")
   return eval_metrics
@@ -157,15 +158,14 @@ def load_init(init_from: str, pre, task) -> Any:
 
 
 def evaluate_at(config, pre, params, eval_enc, buckets, ep, task, coeff: float | None = None,
-                cache: evaluate.ExecutableCache | None = None) -> dict[str, float]:
+                cache: ExecutableCache | None = None) -> dict[str, float]:
   """Returns the task metrics on the eval set at ``coeff`` (default: the training one); all processes call it."""
-  clf = evaluate.Classifier(pre.module, multihost.host_local(params), eval_enc, buckets,
-                            config.eval_batch_size, pre.config.num_hidden_layers,
-                            model_id=str(config.model), dtype=config.dtype,
+  clf = classify.Classifier(pre.model, multihost.host_local(params), eval_enc, buckets,
+                            config.eval_batch_size, model_id=str(config.model), dtype=config.dtype,
                             **({"cache": cache} if cache is not None else {}))
   coeff = config.coeff if coeff is None else coeff
-  logits = clf.predict(evaluate.schedules_for(coeff, ep, buckets), across_processes=True)
-  preds = evaluate.predictions(logits, task.is_regression)
+  logits = clf.predict(sweep.schedules_for(coeff, ep, buckets), across_processes=True)
+  preds = classify.predictions(logits, task.is_regression)
   return metrics.compute_metrics(task.metrics, preds, eval_enc.labels)
 
 

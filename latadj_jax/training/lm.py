@@ -1,6 +1,6 @@
-"""Causal language-model training with Sort+Eliminate: ``train_and_evaluate`` for ``task = "lm"``.
+"""Causal language-model training with Sort+Eliminate: ``train_and_evaluate`` for ``run = "lm"``.
 
-With elimination, GPT-2 returns hidden states only for the positions that
+With elimination, a decoder returns hidden states only for the positions that
 survive every layer, with their original positions. A survivor at original
 position ``p`` predicts the token at ``p + 1``, so the loss is the mean
 next-token cross-entropy over the survivors that have a real target. The
@@ -15,7 +15,6 @@ profiling with the profile fit (``profiling.resolve_profile``).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -33,23 +32,24 @@ from latadj_jax.runtime import multihost
 from latadj_jax.runtime import workdir as wd
 from latadj_jax.tasks import lm_eval
 from latadj_jax.training import anytime, loop, profiling
+from latadj_jax.tuning import report
 
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "target_weights")
 
 
 # --- the loss -----------------------------------------------------------------------------------
-def loss_sums(params, batch: dict, rng, *, module, keep_counts,
+def loss_sums(params, batch: dict, rng, *, model, keep_counts,
               deterministic: bool = False) -> tuple[jax.Array, jax.Array]:
   """Returns (sum of survivor NLLs, number of scored survivors) for one (local) batch."""
-  out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                     keep_counts=keep_counts, deterministic=deterministic,
-                     rngs=None if deterministic else {"dropout": rng})
-  nll_BxK, w_BxK = lm_eval.survivor_nll(out["logits"], out["positions"], out["mask"],
-                                batch["targets"], batch["target_weights"])
+  out = model.apply(params, models.Batch.of(batch), keep_counts,
+                    options=models.Options(train=not deterministic),
+                    rng=None if deterministic else rng)
+  nll_BxK, w_BxK = lm_eval.survivor_nll(out.logits, out.positions, out.mask,
+                                        batch["targets"], batch["target_weights"])
   return jnp.sum(nll_BxK), jnp.sum(w_BxK)
 
 
-def train_step(state: loop.TrainState, batch: dict, rng: jax.Array, *, module, keep_counts,
+def train_step(state: loop.TrainState, batch: dict, rng: jax.Array, *, model, keep_counts,
                axis: str = "data") -> tuple[loop.TrainState, dict]:
   """Returns the updated state and the global mean survivor loss; runs per device in ``shard_map``.
 
@@ -60,7 +60,7 @@ def train_step(state: loop.TrainState, batch: dict, rng: jax.Array, *, module, k
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis))
 
   def loss_fn(params):
-    total, count = loss_sums(params, batch, rng, module=module, keep_counts=keep_counts)
+    total, count = loss_sums(params, batch, rng, model=model, keep_counts=keep_counts)
     # Which positions survive is discrete: the count carries no gradient.
     count = jax.lax.psum(jax.lax.stop_gradient(count), axis)
     return total / jnp.maximum(count, 1.0), count
@@ -69,7 +69,7 @@ def train_step(state: loop.TrainState, batch: dict, rng: jax.Array, *, module, k
   return state.apply_gradients(grads=grads), {"loss": jax.lax.psum(loss, axis), "scored": count}
 
 
-def anytime_loss_sums(params, batch: dict, rng, *, module, spec: anytime.AnytimeSpec,
+def anytime_loss_sums(params, batch: dict, rng, *, model, spec: anytime.AnytimeSpec,
                       schedules: dict[float, tuple[int, ...]], sampled: tuple[float, ...]
                       ) -> dict[str, tuple[jax.Array, jax.Array]]:
   """Returns {term: (loss sum, scored count)} of one (local) batch for anytime LM training.
@@ -81,21 +81,21 @@ def anytime_loss_sums(params, batch: dict, rng, *, module, spec: anytime.Anytime
   the positions it scores.
   """
   def run(counts, i: int, dropout: bool):
-    return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                        keep_counts=counts, deterministic=not dropout,
-                        rngs={"dropout": jax.random.fold_in(rng, i)} if dropout else None)
+    return model.apply(params, models.Batch.of(batch), counts,
+                       options=models.Options(train=dropout),
+                       rng=jax.random.fold_in(rng, i) if dropout else None)
 
   full = run(None, 0, dropout=True)
-  nll, w = lm_eval.survivor_nll(full["logits"], full["positions"], full["mask"],
+  nll, w = lm_eval.survivor_nll(full.logits, full.positions, full.mask,
                                 batch["targets"], batch["target_weights"])
   terms = {"label": (jnp.sum(nll), jnp.sum(w))}
-  teacher_BxNxV = jax.lax.stop_gradient(full["logits"])  # every position: nothing eliminated
+  teacher_BxNxV = jax.lax.stop_gradient(full.logits)  # every position: nothing eliminated
   for i, (name, k) in enumerate(spec.students(sampled), start=1):
     out = run(schedules[k], i, dropout=spec.student_dropout)
-    nll_BxK, w_BxK = lm_eval.survivor_nll(out["logits"], out["positions"], out["mask"],
+    nll_BxK, w_BxK = lm_eval.survivor_nll(out.logits, out.positions, out.mask,
                                           batch["targets"], batch["target_weights"])
-    at_BxKxV = jnp.take_along_axis(teacher_BxNxV, out["positions"][..., None], axis=1)
-    per = spec.distill_weight * anytime.distill_loss(at_BxKxV, out["logits"], False,
+    at_BxKxV = jnp.take_along_axis(teacher_BxNxV, out.positions[..., None], axis=1)
+    per = spec.distill_weight * anytime.distill_loss(at_BxKxV, out.logits, False,
                                                      spec.temperature)
     if spec.student_label_weight:
       per = per + spec.student_label_weight * nll_BxK
@@ -103,13 +103,13 @@ def anytime_loss_sums(params, batch: dict, rng, *, module, spec: anytime.Anytime
   return terms
 
 
-def anytime_train_step(state: loop.TrainState, batch: dict, rng: jax.Array, *, module, spec,
+def anytime_train_step(state: loop.TrainState, batch: dict, rng: jax.Array, *, model, spec,
                        schedules, sampled, axis: str = "data") -> tuple[loop.TrainState, dict]:
   """Returns the updated state and each term's global mean; runs per device in ``shard_map``."""
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis))
 
   def loss_fn(params):
-    terms = anytime_loss_sums(params, batch, rng, module=module, spec=spec, schedules=schedules,
+    terms = anytime_loss_sums(params, batch, rng, model=model, spec=spec, schedules=schedules,
                               sampled=sampled)
     means = {name: total / jnp.maximum(jax.lax.psum(jax.lax.stop_gradient(count), axis), 1.0)
              for name, (total, count) in terms.items()}
@@ -120,20 +120,20 @@ def anytime_train_step(state: loop.TrainState, batch: dict, rng: jax.Array, *, m
   return state.apply_gradients(grads=grads), {"loss": jax.lax.psum(loss, axis), **logs}
 
 
-def make_anytime_step(mesh, module, spec: anytime.AnytimeSpec, profile, block: int, seed: int):
+def make_anytime_step(mesh, model, spec: anytime.AnytimeSpec, profile, block: int, seed: int):
   """Returns step(state, host batch, rng): one executable per draw of middle coefficients."""
   if spec.teacher != "full":
     raise ValueError(f"anytime LM training takes --config.teacher=full (the model with no "
                      f"elimination, on the labels), got {spec.teacher!r}")
   schedules = {k: schedule.keep_counts(block, k, profile) for k in spec.coeffs}
   build = lambda bucket, sampled: loop.jit_data_parallel(mesh, functools.partial(
-      anytime_train_step, module=module, spec=spec, schedules=schedules, sampled=sampled))
+      anytime_train_step, model=model, spec=spec, schedules=schedules, sampled=sampled))
   return anytime.dispatcher(spec, seed, build, lambda batch: shard_batch(batch, mesh))
 
 
-def compiled_step(mesh, module, keep_counts):
+def compiled_step(mesh, model, keep_counts):
   """Returns the jitted, data-parallel LM train step for one keep-count schedule (state donated)."""
-  return loop.jit_data_parallel(mesh, functools.partial(train_step, module=module,
+  return loop.jit_data_parallel(mesh, functools.partial(train_step, model=model,
                                                          keep_counts=keep_counts))
 
 
@@ -142,14 +142,14 @@ def shard_batch(batch: dict, mesh) -> dict:
   return multihost.feed(batch, mesh, BATCH_KEYS)
 
 
-def perplexity_at(config, module, params, eval_enc: text.LMEncoded,
+def perplexity_at(config, model, params, eval_enc: text.LMEncoded,
                   counts: tuple[int, ...]) -> dict[str, float]:
   """Returns ``lm_eval.perplexity_at``'s metrics, each process scoring every n-th batch (all call it).
 
   The per-batch sums are added in batch order, so the result is the
   single-process one exactly, and no block is scored twice.
   """
-  ev = lm_eval.LMEvaluator(module, multihost.host_local(params), eval_enc, config.eval_batch_size,
+  ev = lm_eval.LMEvaluator(model, multihost.host_local(params), eval_enc, config.eval_batch_size,
                            "train", config.dtype)
   exe = ev.executable(counts)
   num = pipeline.num_batches(eval_enc, ev.batch_size, (ev.block_size,))
@@ -168,7 +168,7 @@ def perplexity_at(config, module, params, eval_enc: text.LMEncoded,
 
 # --- model, data and profile --------------------------------------------------------------------
 def scratch_hf_config(shape: Any, vocab_size: int, eos_id: int | None) -> dict:
-  """Returns an HF-style GPT-2 config dict for a randomly initialised model of ``shape``."""
+  """Returns an HF-style config dict for a randomly initialised model of ``shape`` (default GPT-2)."""
   return {"model_type": "gpt2", **dict(shape), "vocab_size": int(vocab_size),
           "bos_token_id": eos_id, "eos_token_id": eos_id}
 
@@ -176,54 +176,29 @@ def scratch_hf_config(shape: Any, vocab_size: int, eos_id: int | None) -> dict:
 def load_model(config: ml_collections.ConfigDict) -> tuple[models.Pretrained, Any]:
   """Returns ``(Pretrained, tokenizer)``: HF or GGUF weights (GPT-2, Llama family), or
   (``model=""``) a random GPT-2 of ``config.gpt2``."""
-  rules = models.survivor_overrides(config)
   if config.model:
-    pre = with_dropout(models.from_pretrained(config.model, head="lm", seed=config.seed,
-                                              dtype=config.dtype, **rules), config.dropout)
+    pre = models.from_pretrained(config.model, head="lm", seed=config.seed, run_config=config,
+                                 dtype=config.dtype)
     tokenizer = lm_eval.load_tokenizer(pre, config.tokenizer)
   else:
     tokenizer = text.load_tokenizer(config.tokenizer, None)
     hf_config = scratch_hf_config(config.gpt2, len(tokenizer), tokenizer.eos_token_id)
-    module, cfg, dummy = models.build(hf_config, "lm", resid_pdrop=config.dropout,
-                                      embd_pdrop=config.dropout, attn_pdrop=config.dropout,
-                                      dtype=config.dtype, **rules)
-    pre = models.Pretrained(module, models.init_params(module, dummy, config.seed), cfg,
-                            hf_config, None, None)
-  if len(tokenizer) > pre.config.vocab_size:
+    model = models.build(hf_config, "lm", run_config=config, dtype=config.dtype)
+    pre = models.Pretrained(model, model.init(config.seed), hf_config)
+  pre.model = pre.model.with_dropout(config.dropout)
+  if len(tokenizer) > pre.model.vocab_size:
     raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
-                     f"{pre.config.vocab_size}; use the model's own (--config.tokenizer=model)")
-  if config.block_size > pre.config.n_positions:
+                     f"{pre.model.vocab_size}; use the model's own (--config.tokenizer=model)")
+  if config.block_size > pre.model.max_positions:
     raise ValueError(f"block_size {config.block_size} exceeds the model's "
-                     f"{pre.config.n_positions} positions; lower --config.block_size")
+                     f"{pre.model.max_positions} positions; lower --config.block_size")
   return pre, tokenizer
-
-
-def with_dropout(pre: models.Pretrained, rate: float) -> models.Pretrained:
-  """Returns ``pre`` with GPT-2's three dropout rates set to ``rate`` (a Llama has none)."""
-  if hasattr(pre.config, "resid_pdrop"):
-    cfg = dataclasses.replace(pre.config, resid_pdrop=rate, embd_pdrop=rate, attn_pdrop=rate)
-    return dataclasses.replace(pre, module=type(pre.module)(cfg), config=cfg)
-  if rate:
-    raise ValueError(f"{type(pre.config).__name__} has no dropout; set --config.dropout=0")
-  return pre
-
-
-@dataclasses.dataclass(frozen=True)
-class _BertSignature:
-  """Presents a GPT-2 module with BERT's ``apply(vars, ids, mask, token_types)`` to ACC profiling."""
-  module: Any
-
-  def apply(self, variables, input_ids, attention_mask, token_type_ids, **kwargs):
-    del token_type_ids  # GPT-2 has none
-    return self.module.apply(variables, input_ids, attention_mask, **kwargs)
 
 
 def resolve_profile(config, workdir: Path, pre: models.Pretrained, train_enc: text.LMEncoded,
                     write: bool) -> tuple[float, ...]:
   """Returns EP (stored, given, or measured from causal ACC on training blocks) via the classifier's code."""
-  view = dataclasses.replace(pre, module=_BertSignature(pre.module))
-  return profiling.resolve_profile(config, workdir, view, train_enc, (config.block_size,),
-                                   pre.config.n_layer, write)
+  return profiling.resolve_profile(config, workdir, pre, train_enc, (config.block_size,), write)
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -251,8 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   def make_step(mesh):
     if spec is not None:
-      return make_anytime_step(mesh, pre.module, spec, ep, block, config.seed)
-    step_fn = compiled_step(mesh, pre.module, counts)
+      return make_anytime_step(mesh, pre.model, spec, ep, block, config.seed)
+    step_fn = compiled_step(mesh, pre.model, counts)
     return lambda state, batch, rng: step_fn(state, shard_batch(batch, mesh), rng)
 
   def step_log(out, batch):
@@ -268,14 +243,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       make_step=make_step,
       count=lambda batch: int(batch["target_weights"].sum()),
       unit="tokens",
-      evaluate=lambda params: perplexity_at(config, pre.module, params, eval_enc, counts),
+      evaluate=lambda params: perplexity_at(config, pre.model, params, eval_enc, counts),
       extra_log=step_log)
   steps_per_epoch = pipeline.num_batches(train_enc, config.batch_size, (block,))
-  state, eval_metrics = loop.run_loop(config, workdir, pre.module.apply, pre.params,
-                                       steps_per_epoch, lm_loop, is_main)
+  state, eval_metrics = loop.run_loop(config, workdir, pre.params, steps_per_epoch, lm_loop,
+                                       is_main)
   if config.eval_coeffs and is_main:  # timed on process 0's device alone
-    lm_eval.sweep_and_report(config, pre.module, multihost.host_local(state.params), eval_enc, ep,
-                             workdir, model_id=str(config.model or "scratch"),
-                             lambada=config.get("lambada", ""), tokenizer=tokenizer)
+    report.lm_sweep(config, pre.model, multihost.host_local(state.params), eval_enc, ep, workdir,
+                    model_id=str(config.model or "scratch"), lambada=config.get("lambada", ""),
+                    tokenizer=tokenizer)
   multihost.wait_for_all("lm.train_and_evaluate: done")
   return eval_metrics

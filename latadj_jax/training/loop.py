@@ -150,8 +150,7 @@ def check_batch_size(batch_size: int) -> None:
                      f"devices; set --config.batch_size")
 
 
-def run_loop(config: ml_collections.ConfigDict, workdir: Path, apply_fn, params,
-             steps_per_epoch: int, loop: Loop, is_main: bool,
+def run_loop(config: ml_collections.ConfigDict, workdir: Path, params, steps_per_epoch: int, loop: Loop, is_main: bool,
              frozen: Any = None) -> tuple[TrainState, dict]:
   """Trains data-parallel with logging, atomic checkpoints, resume and per-epoch eval.
 
@@ -165,7 +164,7 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, apply_fn, params,
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps)
   mesh = make_mesh()
-  state = TrainState.create(apply_fn=apply_fn, params=params,
+  state = TrainState.create(apply_fn=None, params=params,
                             tx=make_optimizer(config, total_steps), frozen=frozen)
   manager = wd.checkpoint_manager(workdir, config.keep_checkpoints)
   best_manager, best = None, wd.load_best(workdir)

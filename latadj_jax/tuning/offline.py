@@ -11,10 +11,12 @@ import numpy as np
 
 from latadj_jax import models
 from latadj_jax.core import schedule
-from latadj_jax.data import pipeline, splits
+from latadj_jax.data import pipeline, splits, text
 from latadj_jax.runtime import timing
 from latadj_jax.runtime import workdir as wd
-from latadj_jax.tuning import evaluate, report, targets
+from latadj_jax.runtime.executables import ExecutableCache
+from latadj_jax.tasks import classify, lm_eval
+from latadj_jax.tuning import report, sweep, targets
 
 
 def buckets_of(config) -> tuple[int, ...]:
@@ -49,15 +51,13 @@ def restore(workdir: str | Path, dtype: str = "") -> Restored:
       run.config.dtype = dtype
       run.config.results_suffix = "" if dtype == "float32" else f"_{dtype}"
   task = splits.task_of(run.config)
-  module, cfg, dummy = models.build(run.hf_config, "classification", num_labels=task.num_labels,
-                                    dtype=run.config.dtype,
-                                    **models.survivor_overrides(run.config, causal=False))
-  abstract = jax.eval_shape(lambda: models.init_params(module, dummy))
-  params, step = wd.restore_params(run.workdir, abstract)
+  model = models.build(run.hf_config, "classification", run_config=run.config,
+                       num_labels=task.num_labels, dtype=run.config.dtype)
+  params, step = wd.restore_params(run.workdir, model.abstract_params())
   if dtype:
     params = jax.tree.map(lambda x: x.astype(dtype), params)
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(run.workdir / wd.TOKENIZER))
-  pre = models.Pretrained(module, params, cfg, run.hf_config, None, None)
+  pre = models.Pretrained(model, params, run.hf_config)
   return Restored(run, pre, tokenizer, task, step)
 
 
@@ -71,16 +71,39 @@ def parse_coeffs(text: str) -> list[float]:
 
 def evaluate_workdir(workdir: str | Path, coeffs: Sequence[float], *, split: str = "validation",
                      batch_size: int = 0, max_examples: int = 0, profile: str = "",
-                     time_repeats: int = 10, cache: evaluate.ExecutableCache | None = None,
+                     time_repeats: int = 10, cache: ExecutableCache | None = None,
                      dtype: str = "") -> list[dict]:
   """Returns the sweep rows for a trained workdir, printing and saving the report."""
   r, ep = prepare(workdir, batch_size, profile, dtype)
   config = r.run.config
   (enc,) = splits.load_encoded_split(config, r.task, r.tokenizer, split, max_examples)
   print(f"evaluating {r.run.workdir} (step {r.step}) on {split}: {len(enc.labels)} examples")
-  return report.sweep_and_report(config, r.pre, r.pre.params, enc, r.buckets, ep, r.task,
+  return report.classifier_sweep(config, r.pre, r.pre.params, enc, r.buckets, ep, r.task,
                                  r.run.workdir, coeffs=coeffs, cache=cache,
                                  time_repeats=time_repeats)
+
+
+def evaluate_lm_workdir(workdir: str | Path, coeffs: Sequence[float], *, split: str = "validation",
+                        batch_size: int = 0, max_examples: int = 0, profile: str = "",
+                        time_repeats: int = 10, lambada: str = "",
+                        cache: ExecutableCache | None = None) -> list[dict]:
+  """Returns the sweep rows of a trained LM workdir (``eval.py``'s LM path), printing and saving them.
+
+  ``max_examples`` caps both the held-out blocks and the last-word passages;
+  ``lambada`` defaults to the run config's.
+  """
+  r = lm_eval.restore(workdir)
+  config = r.run.config
+  with config.unlocked():
+    if batch_size:
+      config.eval_batch_size = batch_size
+  ep = profile_of(r.run, profile)
+  enc = text.load_blocks(config, r.tokenizer, split, max_examples)
+  print(f"evaluating {r.run.workdir} (step {r.step}) on {split}: {enc.num_targets:,} target tokens")
+  return report.lm_sweep(config, r.model, r.params, enc, ep, r.run.workdir, coeffs=coeffs,
+                         model_id=str(r.run.workdir), time_repeats=time_repeats,
+                         lambada=lambada or config.get("lambada", ""), tokenizer=r.tokenizer,
+                         max_lambada=max_examples, cache=cache)
 
 
 # --- targets: a speedup or a latency budget instead of k (see targets.py) ---------------------
@@ -101,14 +124,15 @@ def prepare(workdir: str | Path, batch_size: int, profile: str,
 
 
 def classifier(r: Restored, enc: pipeline.Encoded | None = None,
-               cache: evaluate.ExecutableCache | None = None) -> evaluate.Classifier:
+               cache: ExecutableCache | None = None) -> classify.Classifier:
   """Returns a Classifier over ``enc`` (none: for compiling and timing only) at the run's eval batch size."""
   c = r.run.config
   if enc is None:
     enc = pipeline.Encoded([], [], np.zeros(0, np.int64), 0, c.max_len)
-  return evaluate.Classifier(r.pre.module, r.pre.params, enc, r.buckets, c.eval_batch_size,
-                             r.pre.config.num_hidden_layers, model_id=str(c.model), dtype=c.dtype,
-                             cache=evaluate.ExecutableCache() if cache is None else cache)
+  return classify.Classifier(r.pre.model, r.pre.params, enc, r.buckets, c.eval_batch_size,
+                             model_id=str(c.model), dtype=c.dtype,
+                             cache=ExecutableCache() if cache is None else cache,
+                             metric_names=tuple(r.task.metrics), is_regression=r.task.is_regression)
 
 
 def choose(workdir: str | Path, *, coeff: float | None = None, speedup: float | None = None,
@@ -131,7 +155,7 @@ def choose(workdir: str | Path, *, coeff: float | None = None, speedup: float | 
 
 def calibrate_workdir(workdir: str | Path, *, batch_size: int = 0, profile: str = "",
                       points: int = 12, repeats: int = 10,
-                      cache: evaluate.ExecutableCache | None = None) -> Path:
+                      cache: ExecutableCache | None = None) -> Path:
   """Returns the path of the calibration table it measured and wrote into the workdir."""
   if points < 2:
     raise ValueError(f"calibration needs at least 2 schedules per bucket, got {points}")
@@ -154,14 +178,13 @@ def target_title(speedup: float | None, latency_ms: float | None, batch_size: in
 
 
 def evaluate_choices(r: Restored, choices: dict[int, targets.Choice], enc: pipeline.Encoded,
-                     *, time_repeats: int = 10, cache: evaluate.ExecutableCache | None = None
+                     *, time_repeats: int = 10, cache: ExecutableCache | None = None
                      ) -> dict:
   """Returns the sweep row (metrics, expected and measured speedup) of per-bucket schedules."""
   clf = classifier(r, enc, cache)
-  main = clf.main_bucket()
+  main = sweep.main_bucket(clf.bucket_sizes())
   plan = (choices[main].k, {b: c.counts for b, c in choices.items()})
-  (row,) = evaluate.sweep_schedules(clf, [plan], r.task.metrics, r.task.is_regression,
-                                    time_repeats=time_repeats, progress=False)
+  (row,) = sweep.sweep(clf, [plan], repeats=time_repeats, progress=False)
   row["calibrated_latency_ms"] = choices[main].latency_ms
   row["choices"] = {str(b): c.to_json() for b, c in sorted(choices.items())}
   return row
@@ -170,7 +193,7 @@ def evaluate_choices(r: Restored, choices: dict[int, targets.Choice], enc: pipel
 def evaluate_target(workdir: str | Path, *, speedup: float | None = None,
                     latency_ms: float | None = None, split: str = "validation", batch_size: int = 0,
                     max_examples: int = 0, profile: str = "", time_repeats: int = 10,
-                    cache: evaluate.ExecutableCache | None = None) -> list[dict]:
+                    cache: ExecutableCache | None = None) -> list[dict]:
   """Returns the report row for a speedup target or a latency budget, printing and saving it."""
   if (speedup is None) == (latency_ms is None):
     raise ValueError("give exactly one of speedup and latency_ms")
@@ -181,11 +204,11 @@ def evaluate_target(workdir: str | Path, *, speedup: float | None = None,
   print(targets.format_choices(choices, target_title(speedup, latency_ms, batch)))
   (enc,) = splits.load_encoded_split(r.run.config, r.task, r.tokenizer, split, max_examples)
   print(f"evaluating {r.run.workdir} (step {r.step}) on {split}: {len(enc.labels)} examples")
-  cache = evaluate.ExecutableCache() if cache is None else cache
+  cache = ExecutableCache() if cache is None else cache
   row = evaluate_choices(r, choices, enc, time_repeats=time_repeats, cache=cache)
   row["target"] = {"speedup": speedup} if speedup is not None else {"latency_ms": latency_ms,
                                                                     "batch_size": batch}
-  print(evaluate.format_table([row], r.task.metrics))
+  print(sweep.format_table([row], {m: "%" for m in r.task.metrics}))
   print(cache.stats)
   report.write_results([row], r.run.workdir, {
       "device": timing.device_name(), "task": r.task.name, "model": str(r.run.config.model),

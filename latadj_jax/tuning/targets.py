@@ -29,7 +29,7 @@ import numpy as np
 from latadj_jax.core import schedule
 from latadj_jax.runtime import timing
 from latadj_jax.runtime import workdir as wd
-from latadj_jax.tuning import evaluate
+from latadj_jax.tasks import classify
 
 # Low enough that the step walk always reaches one kept word-vector per layer.
 _K_FLOOR = 1e-12
@@ -187,7 +187,7 @@ def synthetic_batch(batch_size: int, n0: int, vocab_size: int, seed: int = 0) ->
   return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
 
 
-def measure_bucket(clf: evaluate.Classifier, bucket: int, steps: Sequence[schedule.ScheduleInterval],
+def measure_bucket(clf: classify.Classifier, bucket: int, steps: Sequence[schedule.ScheduleInterval],
                    vocab_size: int, repeats: int = 10) -> list[float]:
   """Returns the median latency in ms of each schedule's cached executable on one full batch.
 
@@ -201,7 +201,7 @@ def measure_bucket(clf: evaluate.Classifier, bucket: int, steps: Sequence[schedu
   return [1e3 * med[str(i)] for i in range(len(steps))]
 
 
-def calibrate(clf: evaluate.Classifier, profile: Sequence[float], vocab_size: int, points: int = 12,
+def calibrate(clf: classify.Classifier, profile: Sequence[float], vocab_size: int, points: int = 12,
               repeats: int = 10) -> dict:
   """Returns the calibration table: per bucket, a grid of schedules and their measured latency."""
   buckets = {}

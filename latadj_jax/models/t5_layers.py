@@ -1,9 +1,9 @@
-"""T5 attention: the relative position bias (HF's buckets) and the q/k/v/o attention module.
+"""T5's sublayers: the relative position bias (HF's buckets), attention, RMS norm and FFN.
 
 The bias is computed from original positions, never slots, so that after
 elimination a kept pair still gets the bias of its original distance. T5 does
 not scale q.k, and block 0 of each stack holds the bias table (HF shares it
-with the later blocks). Used by ``t5``'s blocks.
+with the later blocks). ``t5``'s blocks are built from these modules.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from latadj_jax.models import attention
+from latadj_jax.models import attention, interface
 
 
 def relative_position_bucket(rel: jax.Array, bidirectional: bool, num_buckets: int,
@@ -62,7 +62,7 @@ _normal = nn.initializers.normal
 
 class T5Attention(nn.Module):
   """Holds q/k/v/o (and block 0's relative bias table); callers run the steps in between."""
-  config: Any  # a t5.T5Config; not imported here, since t5 imports this module
+  config: Any  # a t5.T5Config
   has_relative_bias: bool = False
 
   def setup(self):
@@ -93,3 +93,75 @@ class T5Attention(nn.Module):
     probs = attention_probs(q_BxQxHxK, k_BxSxHxK, bias_BxHxQxS, allowed_BxQxS)
     ctx = attention.context(probs.astype(self.config.dtype), v_BxSxHxK)
     return ctx.reshape(ctx.shape[:2] + (-1,)), probs
+
+
+class T5LayerNorm(nn.Module):
+  """RMS norm: no mean subtraction and no bias; the variance is taken in float32."""
+  config: Any  # a t5.T5Config
+
+  @nn.compact
+  def __call__(self, x_BxNxD):
+    cfg = self.config
+    weight_D = self.param("weight", nn.initializers.ones, (cfg.d_model,))
+    x = x_BxNxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.layer_norm_epsilon)
+    return (weight_D * x).astype(cfg.dtype)
+
+
+class T5LayerSelfAttention(nn.Module):
+  config: Any  # a t5.T5Config
+  has_relative_bias: bool = False
+
+  def setup(self):
+    self.SelfAttention = T5Attention(self.config, self.has_relative_bias)
+    self.layer_norm = T5LayerNorm(self.config)
+
+  def qkv(self, h_BxNxD):
+    """Returns q, k, v (BxNxHxK) of the normalised input."""
+    a, x = self.SelfAttention, self.layer_norm(h_BxNxD)
+    return a.heads(a.q, x), a.heads(a.k, x), a.heads(a.v, x)
+
+
+class T5LayerCrossAttention(nn.Module):
+  config: Any  # a t5.T5Config
+
+  def setup(self):
+    self.EncDecAttention = T5Attention(self.config)
+    self.layer_norm = T5LayerNorm(self.config)
+
+  def __call__(self, h_BxQxD, k_BxSxHxK, v_BxSxHxK, allowed_BxQxS):
+    """Returns h + attention over the encoder's k/v (cross-attention has no position bias)."""
+    a = self.EncDecAttention
+    q = a.heads(a.q, self.layer_norm(h_BxQxD))
+    zero_bias = jnp.zeros((1, 1, 1, 1), jnp.float32)
+    ctx, _ = a.attend(q, k_BxSxHxK, v_BxSxHxK, zero_bias, allowed_BxQxS)
+    return h_BxQxD + a.o(ctx)
+
+
+class T5LayerFF(nn.Module):
+  config: Any  # a t5.T5Config
+
+  def setup(self):
+    self.DenseReluDense = T5DenseFF(self.config)
+    self.layer_norm = T5LayerNorm(self.config)
+
+  def __call__(self, h_BxNxD):
+    return h_BxNxD + self.DenseReluDense(self.layer_norm(h_BxNxD))
+
+
+class T5DenseFF(nn.Module):
+  """``wi`` -> act -> ``wo`` (v1.0), or act(``wi_0``) * ``wi_1`` -> ``wo`` (gated, v1.1)."""
+  config: Any  # a t5.T5Config
+
+  @nn.compact
+  def __call__(self, x_BxNxD):
+    cfg, f = self.config, self.config.initializer_factor
+    dense = lambda n, std, name: nn.Dense(n, use_bias=False, dtype=cfg.dtype, name=name,
+                                          kernel_init=_normal(f * std))
+    act = interface.activation(cfg.act)
+    if cfg.is_gated:
+      f_BxNxF = (act(dense(cfg.d_ff, cfg.d_model ** -0.5, "wi_0")(x_BxNxD))
+                 * dense(cfg.d_ff, cfg.d_model ** -0.5, "wi_1")(x_BxNxD))
+    else:
+      f_BxNxF = act(dense(cfg.d_ff, cfg.d_model ** -0.5, "wi")(x_BxNxD))
+    return dense(cfg.d_model, cfg.d_ff ** -0.5, "wo")(f_BxNxF)
