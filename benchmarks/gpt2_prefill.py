@@ -3,7 +3,7 @@
 The model is GPT-2-small-shaped (12 layers, 768 wide, 12 heads, vocab 50257)
 with random weights: no GPT-2 weights can be had offline. Random weights give
 no meaningful ACC curve to fit a profile to, so this uses the flat profile
-(``R_l = k`` at every layer) — METHOD.md section 2's no-training setting.
+(``R_l = k`` at every layer) — docs/method.md section 2's no-training setting.
 ``n_positions`` is widened to ``seq_len + new_tokens`` so that a 1024-token
 prompt can still be extended.
 

@@ -1,4 +1,4 @@
-"""Schedule math on hand-computed cases (METHOD.md sections 2, 3, 5)."""
+"""Schedule math on hand-computed cases (docs/method.md sections 2, 3, 5)."""
 
 import math
 

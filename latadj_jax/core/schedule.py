@@ -1,7 +1,7 @@
 """Elimination profiles, keep counts and the expected speedup (plain Python/NumPy).
 
 Every rule the paper's lost equations left open is reconstructed here, in one
-place, so it is easy to read and to swap (see METHOD.md and the README):
+place, so it is easy to read and to swap (see docs/method.md):
 
 * Profile (paper eq. 1-2, reconstructed): fit a smooth curve ``F(l)`` to the
   per-layer ACC points by least squares, set ``F(0) = 1`` and
