@@ -148,6 +148,7 @@ def test_teacher_gets_no_gradient_from_distillation():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_anytime_run_compiles_buckets_times_draws(tiny_model_dir, tiny_sst2_dir, tmp_path,
                                                    monkeypatch):
   built = []

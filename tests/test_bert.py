@@ -1,6 +1,4 @@
-"""BERT parity with HF PyTorch, and the Sort+Eliminate properties (issue 2)."""
-
-import dataclasses
+"""models/bert.py: BERT parity with HF PyTorch, and the Sort+Eliminate properties (issue 2)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +9,7 @@ import transformers
 
 from latadj_jax import models
 from latadj_jax.core import elimination, schedule
-from latadj_jax.models import bert
+from latadj_jax.models import Batch, Options, bert, stack
 
 
 def _batch(vocab, lengths, n, seed=0):
@@ -29,7 +27,7 @@ def test_parity_random_weights_classification(tiny_hf_bert):
   pre = models.from_pretrained(str(path))
   assert pre.report.missing == [] and pre.report.unused == []
   ids, mask, types = _batch(120, [16, 9, 3], 16)
-  ours = pre.module.apply({"params": pre.params}, ids, mask, types)["logits"]
+  ours = pre.model.apply(pre.params, Batch(ids, mask, types)).logits
   with torch.no_grad():
     ref = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
              token_type_ids=torch.tensor(types, dtype=torch.long)).logits.numpy()
@@ -44,8 +42,7 @@ def test_parity_real_minilm_weights(minilm_dir):
   texts = ["A gripping, beautifully shot film.", "Dull.",
            "I wouldn't call it good, but the cast does what it can with a thin script."]
   enc = tok(texts, padding=True, return_tensors="np")
-  ours = np.asarray(pre.module.apply({"params": pre.params}, enc["input_ids"],
-                                     enc["attention_mask"], enc["token_type_ids"])["last_hidden_state"])
+  ours = np.asarray(pre.model.apply(pre.params, Batch.of(enc)).last_hidden_state)
   hf = transformers.BertModel.from_pretrained(str(minilm_dir)).eval()
   with torch.no_grad():
     ref = hf(**{k: torch.tensor(v) for k, v in enc.items()}).last_hidden_state.numpy()
@@ -57,36 +54,36 @@ def test_parity_real_minilm_weights(minilm_dir):
 
 @pytest.fixture(scope="module")
 def tiny():
-  cfg = bert.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
-  module = bert.BertForSequenceClassification(cfg)
-  params = module.init(jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32))["params"]
-  return module, params
+  model = models.build({"model_type": "bert", "vocab_size": 100, "hidden_size": 32,
+                        "num_hidden_layers": 4, "num_attention_heads": 4,
+                        "intermediate_size": 64, "max_position_embeddings": 64})
+  assert isinstance(model.module, bert.BertForSequenceClassification)
+  return model, model.init(0)
 
 
 def test_elimination_shapes_cls_pads_and_order(tiny):
-  module, params = tiny
+  model, params = tiny
   ids, mask, types = _batch(100, [64, 30, 12], 64)
   counts = (64, 48, 40, 11)
-  out = module.apply({"params": params}, ids, mask, types, keep_counts=counts,
-                     output_hidden_states=True)
-  for layer, (n, h, pos) in enumerate(zip(counts, out["hidden_states"][1:],
-                                          out["layer_positions"])):
+  out = model.apply(params, Batch(ids, mask, types), counts, options=Options(hidden=True))
+  for layer, (n, h, pos) in enumerate(zip(counts, out.hidden_states[1:], out.layer_positions)):
     assert h.shape == (3, n, 32), layer
     pos = np.asarray(pos)
     assert (pos[:, 0] == 0).all(), "[CLS] must survive every layer"
     assert (np.diff(pos, axis=1) > 0).all(), "kept indices must stay in original order"
   # Row 1 has 30 valid tokens: at 40 kept, all 30 survive and only pads went.
-  pos2 = np.asarray(out["layer_positions"][2])
+  pos2 = np.asarray(out.layer_positions[2])
   assert set(range(30)) <= set(pos2[1].tolist())
-  assert np.asarray(out["layer_positions"][1])[2].tolist()[:12] == list(range(12))
+  assert np.asarray(out.layer_positions[1])[2].tolist()[:12] == list(range(12))
   # Row 2 (12 valid) at 11 kept: all survivors are valid tokens.
-  assert (np.asarray(out["mask"])[2] == 1).all() and (np.asarray(out["positions"])[2] < 12).all()
+  assert (np.asarray(out.mask)[2] == 1).all() and (np.asarray(out.positions)[2] < 12).all()
 
 
 def test_elimination_changes_nothing_it_keeps(tiny):
-  module, params = tiny
-  cfg = module.config
+  """A layer run through ``stack.run`` keeping 9 of 20 equals, at the kept positions, the same
+  layer with nothing eliminated."""
+  model, params = tiny
+  cfg = model.config
   ids, mask, types = _batch(100, [20, 13], 20, seed=3)
   emb = bert.BertEmbeddings(cfg).apply(
       {"params": params["bert"]["embeddings"]}, ids, types,
@@ -95,29 +92,36 @@ def test_elimination_changes_nothing_it_keeps(tiny):
   lp = {"params": params["bert"]["encoder"]["layer"]["1"]}
   carry = {"valid": jnp.asarray(mask, bool), "positions": jnp.broadcast_to(jnp.arange(20), (2, 20)),
            "protect": elimination.first_token_mask(mask)}
-  full, _, _ = layer.apply(lp, emb, carry, 20, True, False)
-  cut, kept, _ = layer.apply(lp, emb, carry, 9, True, False)
+  full = layer.apply(lp, emb, carry)
+
+  def through_stack(bound, h, n_keep):
+    return stack.run([bound], h, carry, (n_keep,), stack.Survivors.of(cfg, causal=False), Options())
+
+  same, _, _ = layer.apply(lp, emb, 20, method=through_stack)
+  np.testing.assert_array_equal(np.asarray(same), np.asarray(full))
+  cut, kept, _ = layer.apply(lp, emb, 9, method=through_stack)
+  assert cut.shape == (2, 9, cfg.hidden_size)
   idx = np.asarray(kept["positions"])
   np.testing.assert_allclose(np.asarray(cut), np.take_along_axis(np.asarray(full), idx[..., None], 1),
                              atol=1e-6, rtol=0)
 
 
 def test_coeff_one_flat_profile_is_no_elimination(tiny):
-  module, params = tiny
+  model, params = tiny
   ids, mask, types = _batch(100, [33, 7], 40, seed=1)
   counts = schedule.keep_counts(40, 1.0, schedule.flat_profile(4))
-  a = module.apply({"params": params}, ids, mask, types, keep_counts=counts)["logits"]
-  b = module.apply({"params": params}, ids, mask, types)["logits"]
+  a = model.apply(params, Batch(ids, mask, types), counts).logits
+  b = model.apply(params, Batch(ids, mask, types)).logits
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_one_trace_per_schedule(tiny):
-  module, params = tiny
+  model, params = tiny
   traces = []
 
   def fwd(p, ids, mask, counts):
     traces.append(counts)
-    return module.apply({"params": p}, ids, mask, keep_counts=counts)["logits"]
+    return model.apply(p, Batch(ids, mask), counts).logits
 
   jitted = jax.jit(fwd, static_argnums=3)
   ids, mask, _ = _batch(100, [64, 50], 64)
@@ -133,67 +137,28 @@ def test_one_trace_per_schedule(tiny):
   assert len(traces) == 2
 
 
-def test_acc_is_one_for_uniform_attention():
-  n, valid_len = 10, 7
-  valid = (np.arange(n) < valid_len)[None]
-  probs = np.where(valid[:, None, None, :], 1.0 / valid_len, 0.0) * np.ones((1, 3, n, n))
-  sv = elimination.score_vector(jnp.asarray(probs, jnp.float32), jnp.asarray(valid))
-  np.testing.assert_allclose(np.asarray(sv)[0, :valid_len], 1.0, rtol=1e-6)
-  assert float(elimination.acc(sv, jnp.asarray(valid))[0]) == pytest.approx(1.0, abs=1e-6)
-  assert (np.asarray(sv)[0, valid_len:] == 0).all()  # pads score 0
-
-
-def test_causal_score_normalisation():
-  # Uniform causal attention: query i spreads 1/(i+1) over keys 0..i.
-  n = 6
-  probs = np.tril(np.ones((n, n))) / np.arange(1, n + 1)[:, None]
-  valid = np.ones((1, n), bool)
-  sv = elimination.score_vector(jnp.asarray(probs[None, None], jnp.float32), jnp.asarray(valid),
-                                causal=True)
-  raw = probs.sum(0)
-  np.testing.assert_allclose(np.asarray(sv)[0], raw / (n - np.arange(n)), rtol=1e-6)
-
-
-def test_onehot_selection_equals_gather():
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 5))
-  idx = jnp.array([[0, 3, 4], [1, 2, 8]])
-  np.testing.assert_allclose(np.asarray(elimination.gather(x, idx, "onehot")),
-                             np.asarray(elimination.gather(x, idx)), atol=1e-6)
-
-
 def test_bad_keep_counts_raise(tiny):
-  module, params = tiny
+  model, params = tiny
   ids, mask, _ = _batch(100, [8], 8)
   with pytest.raises(ValueError, match="keep count of layer 2"):
-    module.apply({"params": params}, ids, mask, keep_counts=(8, 9, 4, 2))
+    model.apply(params, Batch(ids, mask), (8, 9, 4, 2))
   with pytest.raises(ValueError, match="4 layers"):
-    module.apply({"params": params}, ids, mask, keep_counts=(8, 4))
-
-
-def test_head_major_products_equal_einsum():
-  from latadj_jax.models import attention
-  rng = np.random.default_rng(0)
-  q, k = rng.standard_normal((2, 5, 3, 4), np.float32), rng.standard_normal((2, 7, 3, 4), np.float32)
-  probs = rng.random((2, 3, 5, 7), np.float32)
-  np.testing.assert_allclose(attention.logits(q, k), np.einsum("bqhd,bshd->bhqs", q, k), atol=1e-5)
-  np.testing.assert_allclose(attention.context(probs, k), np.einsum("bhqs,bshd->bqhd", probs, k),
-                             atol=1e-5)
+    model.apply(params, Batch(ids, mask), (8, 4))
 
 
 def test_per_example_attention_equals_batched(tiny):
   # The CPU inference path (lax.map over the batch) must give the batched path's scores,
   # survivors and logits, with pads and elimination.
-  module, params = tiny
+  model, params = tiny
   ids, mask, types = _batch(100, [40, 17, 3], 40, seed=4)
   outs = {}
   for per_example in (True, False):
-    cfg = dataclasses.replace(module.config, per_example_attention=per_example)
-    outs[per_example] = bert.BertForSequenceClassification(cfg).apply(
-        {"params": params}, ids, mask, types, keep_counts=(40, 30, 12, 5), output_scores=True)
+    outs[per_example] = model.replace(per_example_attention=per_example).apply(
+        params, Batch(ids, mask, types), (40, 30, 12, 5), options=Options(scores=True))
   a, b = outs[True], outs[False]
-  np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-5)
-  np.testing.assert_array_equal(a["positions"], b["positions"])
-  for sa, sb in zip(a["scores"], b["scores"]):
+  np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
+  np.testing.assert_array_equal(a.positions, b.positions)
+  for sa, sb in zip(a.scores, b.scores):
     np.testing.assert_allclose(sa, sb, atol=1e-5)
 
 

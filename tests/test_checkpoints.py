@@ -1,4 +1,5 @@
-"""Checkpoint formats and the errors users see when weights are missing or wrong (issue 2)."""
+"""models/checkpoints.py: checkpoint formats, and the errors users see when weights are missing
+or wrong (issue 2)."""
 
 import json
 import os
@@ -14,13 +15,13 @@ import torch
 from flax import serialization
 
 from latadj_jax import models
-from latadj_jax.models import checkpoints
+from latadj_jax.models import Batch, checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _logits(pre, ids):
-  return np.asarray(pre.module.apply({"params": pre.params}, ids)["logits"])
+  return np.asarray(pre.model.apply(pre.params, Batch(ids)).logits)
 
 
 def test_all_three_formats_load_the_same_weights(tiny_hf_bert, tmp_path):
@@ -194,6 +195,7 @@ def test_unreadable_config_is_one_line_error(tmp_path, text, match):
   _one_line_error(tmp_path, match)
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_for_a_truncated_checkpoint(tiny_model_dir, tmp_path):
   # What a user sees: train.py given a truncated model.safetensors prints the error, no traceback.
   d = _subdir(tmp_path)

@@ -17,7 +17,7 @@ import transformers
 
 from latadj_jax import models
 from latadj_jax.core import schedule
-from latadj_jax.models import bert
+from latadj_jax.models import Batch, Options, bert
 
 TEXTS = ["A gripping, beautifully shot film.", "Dull.",
          "I wouldn't call it good, but the cast does what it can with a thin script."]
@@ -43,11 +43,10 @@ def test_bf16_minilm_parity(minilm_dir, minilm_reference, param_dtype):
   pre = models.from_pretrained(str(minilm_dir), head="none", dtype="bfloat16",
                                param_dtype=param_dtype)
   assert {x.dtype for x in jax.tree.leaves(pre.params)} == {jnp.dtype(param_dtype)}
-  out = pre.module.apply({"params": pre.params}, enc["input_ids"], enc["attention_mask"],
-                         enc["token_type_ids"])
-  assert out["last_hidden_state"].dtype == jnp.bfloat16
+  out = pre.model.apply(pre.params, Batch.of(enc))
+  assert out.last_hidden_state.dtype == jnp.bfloat16
   valid = enc["attention_mask"].astype(bool)
-  ours = np.asarray(out["last_hidden_state"], np.float32)[valid]
+  ours = np.asarray(out.last_hidden_state, np.float32)[valid]
   err = np.abs(ours - ref[valid])
   print(f"bf16 (params {param_dtype}) MiniLM: max abs error {err.max():.3g}, "
         f"mean {err.mean():.3g}, min cosine {_cosines(ours, ref[valid]).min():.6f}")
@@ -67,13 +66,14 @@ def test_bf16_classifier_logits_and_scores(tiny_hf_bert):
   with torch.no_grad():
     ref = hf(input_ids=torch.tensor(ids, dtype=torch.long),
              attention_mask=torch.tensor(mask)).logits.numpy()
-  out = b16.module.apply({"params": b16.params}, ids, mask, output_scores=True)
-  assert out["logits"].dtype == jnp.float32  # the head's output is float32 whatever the dtype
-  np.testing.assert_allclose(np.asarray(out["logits"]), ref, atol=0.05, rtol=0)
+  scores = Options(scores=True)
+  out = b16.model.apply(b16.params, Batch(ids, mask), options=scores)
+  assert out.logits.dtype == jnp.float32  # the head's output is float32 whatever the dtype
+  np.testing.assert_allclose(np.asarray(out.logits), ref, atol=0.05, rtol=0)
   # Scores and ACC are computed in float32 from probabilities that were float32 too.
-  full = f32.module.apply({"params": f32.params}, ids, mask, output_scores=True)
-  assert out["acc"].dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(out["acc"]), np.asarray(full["acc"]), atol=0.02)
+  full = f32.model.apply(f32.params, Batch(ids, mask), options=scores)
+  assert out.acc.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out.acc), np.asarray(full.acc), atol=0.02)
 
 
 def test_bf16_elimination_keeps_nearly_the_same_tokens(tiny_hf_bert):
@@ -83,10 +83,10 @@ def test_bf16_elimination_keeps_nearly_the_same_tokens(tiny_hf_bert):
   ids = np.random.default_rng(1).integers(5, 120, (4, 48)).astype(np.int32)
   mask = np.ones_like(ids)
   counts = schedule.keep_counts(48, 0.8, schedule.flat_profile(3))
-  a = f32.module.apply({"params": f32.params}, ids, mask, keep_counts=counts)
-  b = b16.module.apply({"params": b16.params}, ids, mask, keep_counts=counts)
-  assert b["last_hidden_state"].shape == a["last_hidden_state"].shape
-  for layer, (pa, pb) in enumerate(zip(a["layer_positions"], b["layer_positions"])):
+  a = f32.model.apply(f32.params, Batch(ids, mask), counts)
+  b = b16.model.apply(b16.params, Batch(ids, mask), counts)
+  assert b.last_hidden_state.shape == a.last_hidden_state.shape
+  for layer, (pa, pb) in enumerate(zip(a.layer_positions, b.layer_positions)):
     pa, pb = np.asarray(pa), np.asarray(pb)
     assert (pb[:, 0] == 0).all(), "[CLS] survives in bf16 too"
     overlap = np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(pa, pb)])
@@ -95,9 +95,11 @@ def test_bf16_elimination_keeps_nearly_the_same_tokens(tiny_hf_bert):
 
 
 def test_param_dtype_default_is_float32():
-  cfg = bert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
-  params = bert.BertModule(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
+  model = models.build({"model_type": "bert", "vocab_size": 50, "hidden_size": 16,
+                        "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+                        "max_position_embeddings": 16}, head="none")
+  assert model.config.param_dtype == "float32"
+  params = model.init(0)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   with pytest.raises(ValueError, match="dtype"):
     bert.BertConfig(dtype="float16x")

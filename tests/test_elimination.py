@@ -3,7 +3,8 @@
 Score vectors (bidirectional and eq. 8), the column sums and their causal
 divisor, ACC, the survivor rankings and Sort+Eliminate (``select_indices``,
 ``gather``, ``eliminate``), alone and as one causal layer chains them. How
-the models run them is tested beside the models.
+the models run them is tested beside the models (``test_stack.py`` for the
+loop, ``test_bert.py``, ``test_decoder.py``, ``test_t5.py``).
 """
 
 import jax
@@ -279,3 +280,87 @@ def test_a_causal_layer_keeps_the_ranked_survivors_and_gathers_every_carried_arr
   np.testing.assert_array_equal(np.asarray(x_out), np.asarray(x)[:, kept])
   for name, got in zip(names, out):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(carry[name])[:, kept], name)
+
+
+# --- the same functions on larger random and uniform cases ------------------------------------
+
+def test_acc_is_one_for_uniform_attention():
+  n, valid_len = 10, 7
+  valid = (np.arange(n) < valid_len)[None]
+  probs = np.where(valid[:, None, None, :], 1.0 / valid_len, 0.0) * np.ones((1, 3, n, n))
+  sv = el.score_vector(jnp.asarray(probs, jnp.float32), jnp.asarray(valid))
+  np.testing.assert_allclose(np.asarray(sv)[0, :valid_len], 1.0, rtol=1e-6)
+  assert float(el.acc(sv, jnp.asarray(valid))[0]) == pytest.approx(1.0, abs=1e-6)
+  assert (np.asarray(sv)[0, valid_len:] == 0).all()  # pads score 0
+
+
+def test_causal_score_normalisation():
+  # Uniform causal attention: query i spreads 1/(i+1) over keys 0..i.
+  n = 6
+  probs = np.tril(np.ones((n, n))) / np.arange(1, n + 1)[:, None]
+  valid = np.ones((1, n), bool)
+  sv = el.score_vector(jnp.asarray(probs[None, None], jnp.float32), jnp.asarray(valid),
+                       causal=True)
+  raw = probs.sum(0)
+  np.testing.assert_allclose(np.asarray(sv)[0], raw / (n - np.arange(n)), rtol=1e-6)
+
+
+def test_onehot_selection_equals_gather():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 5))
+  idx = jnp.array([[0, 3, 4], [1, 2, 8]])
+  np.testing.assert_allclose(np.asarray(el.gather(x, idx, "onehot")),
+                             np.asarray(el.gather(x, idx)), atol=1e-6)
+
+
+def _sums(probs, valid, window):
+  """The column sums the attention accumulates for the window rule (``score_queries``)."""
+  queries = el.score_queries("window", valid, window, False, True)
+  return {n: el.column_sums(probs, w) for n, w in queries.items()}
+
+
+def test_window_scores_only_the_last_queries():
+  """Pure function: eq. 8 over the last w valid queries, with left and right padding."""
+  probs = jax.random.uniform(jax.random.PRNGKey(0), (2, 2, 6, 6))
+  probs = jnp.tril(probs)
+  valid = jnp.array([[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]], bool)
+  pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+  got = np.asarray(el.ranking("window", _sums(probs, valid, 2), valid, pos, causal=True,
+                              window=2))
+  attn = np.asarray(probs).mean(1)
+  for row, queries in ((0, [2, 3]), (1, [4, 5])):
+    for j in range(6):
+      seen = [q for q in queries if q >= j]
+      want = attn[row, seen, j].sum() / max(len(seen), 1) if valid[row, j] else 0.0
+      assert got[row, j] == pytest.approx(want, rel=1e-5), (row, j)
+  levels = np.asarray(el.causal_protect(valid, sinks=1, recent=2))
+  np.testing.assert_array_equal(levels, [[1, 0, 1, 2, 0, 0], [0, 1, 0, 0, 1, 2]])
+
+
+def test_pooled_scores_keep_the_neighbours_of_a_high_score():
+  """Pure function: max over the ``kernel`` nearest tokens, pads neither give nor get a score."""
+  sv = jnp.array([[0.1, 0.2, 0.9, 0.3, 0.05, 0.0], [0.0, 0.4, 0.1, 0.2, 0.3, 0.5]])
+  valid = jnp.array([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], bool)
+  got = np.asarray(el.pool_scores(sv, valid, 3))
+  np.testing.assert_allclose(got, [[0.2, 0.9, 0.9, 0.9, 0.3, 0.0], [0.0, 0.4, 0.4, 0.3, 0.5, 0.5]])
+  np.testing.assert_array_equal(el.pool_scores(sv, valid, 1), sv)
+  # Through the rule: token 2's neighbours now outrank token 5, which drew more attention.
+  probs = jnp.zeros((1, 1, 6, 6)).at[0, 0, 5, 2].set(0.9).at[0, 0, 5, 4].set(0.1)
+  probs = probs + jnp.tril(jnp.full((6, 6), 1e-3))
+  pos, ok = jnp.arange(6)[None], jnp.ones((1, 6), bool)
+  plain = np.asarray(el.ranking("window", _sums(probs, ok, 1), ok, pos, causal=True,
+                                window=1))
+  pooled = np.asarray(el.ranking("window", _sums(probs, ok, 1), ok, pos, causal=True,
+                                 window=1, pool=3))
+  assert plain[0, 4] > plain[0, 1] and pooled[0, 1] == pooled[0, 3] == pooled[0, 2]
+  assert pooled[0, 1] > pooled[0, 4]
+
+
+def test_causal_counts_follow_positions():
+  """Eq. 8's divisor from slots equals the count over original positions, after elimination too."""
+  valid = jnp.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]], bool)
+  pos = jnp.array([[0, 0, 2, 5, 6, 9, 11], [1, 3, 4, 8, 10, 10, 10]])
+  queries = el.last_queries(valid, 3).astype(jnp.float32)
+  sees = (pos[:, :, None] >= pos[:, None, :]) & valid[:, :, None]
+  want = jnp.sum(jnp.where(sees, queries[:, :, None], 0.0), axis=1)
+  np.testing.assert_allclose(np.asarray(el.causal_counts(queries, valid) * valid),
+                             np.asarray(want * valid))

@@ -75,6 +75,7 @@ def _flat_counts(n0: int, layers: int) -> tuple[int, ...]:
   return counts
 
 
+@pytest.mark.slow
 def test_classifier_export_loads_in_hf_pytorch_with_matching_logits(clf_workdir, clf_export):
   assert {"config.json", "model.safetensors", "README.md", "tokenizer.json",
           "tokenizer_config.json"} <= {p.name for p in clf_export.iterdir()}
@@ -96,6 +97,7 @@ def test_classifier_export_loads_in_hf_pytorch_with_matching_logits(clf_workdir,
   np.testing.assert_allclose(theirs, ours, atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_classifier_export_round_trips_through_from_pretrained(clf_workdir, clf_export):
   r = offline.restore(clf_workdir)
   pre = models.from_pretrained(str(clf_export))
@@ -109,6 +111,7 @@ def test_classifier_export_round_trips_through_from_pretrained(clf_workdir, clf_
   assert set(lat["schedules"]) == {"16", "32"}
 
 
+@pytest.mark.slow
 def test_model_card_states_profile_and_training_k(clf_workdir, clf_export):
   card = (clf_export / "README.md").read_text()
   run = offline.restore(clf_workdir).run
@@ -121,6 +124,7 @@ def test_model_card_states_profile_and_training_k(clf_workdir, clf_export):
   assert "## Results" in card and "| 1.0 |" in card  # the k = 1 sweep row of the workdir
 
 
+@pytest.mark.slow
 def test_lm_export_loads_in_hf_pytorch_with_matching_logits(lm_workdir, lm_export):
   hf = transformers.AutoModelForCausalLM.from_pretrained(lm_export).eval()
   assert type(hf).__name__ == "GPT2LMHeadModel"
@@ -142,6 +146,7 @@ def test_lm_export_loads_in_hf_pytorch_with_matching_logits(lm_workdir, lm_expor
   assert "EP = [1.0, 1.0] (`flat`;" in card
 
 
+@pytest.mark.slow
 def test_lm_export_round_trips_through_from_pretrained(lm_workdir, lm_export):
   r = lm_eval.restore(lm_workdir)
   pre = models.from_pretrained(str(lm_export))
@@ -150,6 +155,7 @@ def test_lm_export_round_trips_through_from_pretrained(lm_workdir, lm_export):
                jax.tree.map(np.asarray, r.params))
 
 
+@pytest.mark.slow
 def test_export_cli_and_its_errors(lm_workdir, tmp_path):
   env = {**os.environ, "HF_HUB_OFFLINE": "1"}
   cmd = [sys.executable, "-m", "latadj_jax.export"]

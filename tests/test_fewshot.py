@@ -306,6 +306,7 @@ def _eval_cli(*args):
                         capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_eval_cli_needs_a_workdir_or_a_config():
   r = _eval_cli("--coeff", "0.9")
   assert r.returncode == 2 and "--workdir=DIR" in r.stderr and "--config=NAME" in r.stderr
@@ -328,6 +329,7 @@ def _check_rows(result, num_layers=2):
     assert r["encoder_ms"] > 0 and r["generate_ms"] > 0 and r["measured_speedup"] > 0
 
 
+@pytest.mark.slow
 def test_eval_cli_mmlu_end_to_end(data_dir, model_dir, tmp_path):
   out = tmp_path / "mmlu"
   r = _eval_cli("--config=flan_t5_mmlu", f"--config.model={model_dir}",
@@ -343,6 +345,7 @@ def test_eval_cli_mmlu_end_to_end(data_dir, model_dir, tmp_path):
   assert "| 0.8 |" in r.stdout
 
 
+@pytest.mark.slow
 def test_eval_cli_bbh_end_to_end_into_config_workdir(data_dir, model_dir, tmp_path):
   r = _eval_cli("--config=flan_t5_bbh", f"--config.model={model_dir}",
                 f"--config.data_dir={data_dir}", "--config.max_len=128", "--config.buckets=(128,)",

@@ -164,6 +164,7 @@ def test_loss_is_on_survivors_only(tiny_model):
 
 
 # --- training ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_lm_run_writes_what_eval_needs(trained):
   workdir, metrics = trained
   assert metrics["perplexity"] > 1 and 0 < metrics["fraction_scored"] < 1
@@ -178,6 +179,7 @@ def test_lm_run_writes_what_eval_needs(trained):
   assert any("eval_perplexity" in l for l in lines)
 
 
+@pytest.mark.slow
 def test_lm_resume_after_kill_matches_uninterrupted(trained, text_dir, tmp_path, monkeypatch, capsys):
   workdir = tmp_path / "killed"
   real_step, calls = lm.compiled_step, {"n": 0}
@@ -233,6 +235,7 @@ def test_anytime_lm_terms_distill_at_each_students_survivors(tiny_model):
   assert float(terms["smallest"][1]) == w.sum() and w.sum() < 22
 
 
+@pytest.mark.slow
 def test_anytime_lm_run_compiles_one_step_per_draw(text_dir, tmp_path, monkeypatch):
   built = []
   real = lm.make_anytime_step
@@ -329,6 +332,7 @@ def test_last_word_multi_token_nll_matches_full_forward(tiny_model, lambada_file
   np.testing.assert_allclose(got["perplexity"], math.exp(np.mean(word_nll)), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_cli_on_an_lm_workdir(trained, lambada_file):
   workdir = trained[0]
   env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -347,6 +351,7 @@ def test_eval_cli_on_an_lm_workdir(trained, lambada_file):
   assert bad.returncode == 2 and "--coeff" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_generate_ttft_cli_on_an_lm_workdir(trained, tmp_path, capsys):
   sys.path.insert(0, str(REPO / "benchmarks"))
   import generate_ttft

@@ -1,12 +1,27 @@
-"""Attention over query blocks (issue 25): the same context and score-vector sums as the whole N x N."""
+"""models/attention.py: the head-major products, and attention over query blocks (issue 25).
+
+Blocks of queries give the same context and score-vector sums as the whole
+N x N, alone and inside BERT, the decoders (GPT-2, Llama with GQA and a
+sliding window) and T5's encoder, with elimination, padding and gradients.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from latadj_jax import models
 from latadj_jax.core import elimination
-from latadj_jax.models import attention
+from latadj_jax.models import Batch, Options, attention
+
+
+def test_head_major_products_equal_einsum():
+  rng = np.random.default_rng(0)
+  q, k = rng.standard_normal((2, 5, 3, 4), np.float32), rng.standard_normal((2, 7, 3, 4), np.float32)
+  probs = rng.random((2, 3, 5, 7), np.float32)
+  np.testing.assert_allclose(attention.logits(q, k), np.einsum("bqhd,bshd->bhqs", q, k), atol=1e-5)
+  np.testing.assert_allclose(attention.context(probs, k), np.einsum("bhqs,bshd->bqhd", probs, k),
+                             atol=1e-5)
 
 
 def _qkv(B=2, N=12, H=3, K=4, seed=0):
@@ -42,17 +57,6 @@ def test_query_blocks_equal_the_whole_attention(causal, block):
     np.testing.assert_allclose(np.asarray(sv), np.asarray(want_sv), atol=1e-6)
 
 
-def test_causal_counts_follow_positions():
-  """Eq. 8's divisor from slots equals the count over original positions, after elimination too."""
-  valid = jnp.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]], bool)
-  pos = jnp.array([[0, 0, 2, 5, 6, 9, 11], [1, 3, 4, 8, 10, 10, 10]])
-  queries = elimination.last_queries(valid, 3).astype(jnp.float32)
-  sees = (pos[:, :, None] >= pos[:, None, :]) & valid[:, :, None]
-  want = jnp.sum(jnp.where(sees, queries[:, :, None], 0.0), axis=1)
-  np.testing.assert_allclose(np.asarray(elimination.causal_counts(queries, valid) * valid),
-                             np.asarray(want * valid))
-
-
 def test_gradients_through_query_blocks_match():
   q, k, v = _qkv(seed=1)
   N = q.shape[1]
@@ -72,27 +76,23 @@ def test_gradients_through_query_blocks_match():
 
 def test_bert_blocked_attention_equals_the_whole_matrix():
   """Logits, score vectors and survivors of a tiny BERT with elimination and padding; gradients too."""
-  import dataclasses
-
-  from latadj_jax.models import bert
-  cfg = bert.BertConfig(vocab_size=60, hidden_size=24, num_hidden_layers=3, num_attention_heads=3,
-                        intermediate_size=32, max_position_embeddings=32,
-                        attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
-                        per_example_attention=False)
-  whole = bert.BertForSequenceClassification(cfg)
-  blocked = bert.BertForSequenceClassification(dataclasses.replace(cfg, attention_block=4))
+  whole = models.build({"model_type": "bert", "vocab_size": 60, "hidden_size": 24,
+                        "num_hidden_layers": 3, "num_attention_heads": 3, "intermediate_size": 32,
+                        "max_position_embeddings": 32, "attention_probs_dropout_prob": 0.0,
+                        "hidden_dropout_prob": 0.0}, per_example_attention=False)
+  blocked = whole.replace(attention_block=4)
   ids = np.random.default_rng(0).integers(1, 60, (2, 16)).astype(np.int32)
   mask = np.ones_like(ids)
   mask[1, 9:] = 0
-  params = whole.init(jax.random.PRNGKey(0), ids, mask)["params"]
-  run = lambda m, p: m.apply({"params": p}, ids, mask, keep_counts=(12, 8, 5), output_scores=True)
+  params = whole.init(0)
+  batch = Batch(ids, mask)
+  run = lambda m, p: m.apply(p, batch, (12, 8, 5), options=Options(scores=True))
   a, b = run(whole, params), run(blocked, params)
-  np.testing.assert_allclose(np.asarray(b["logits"]), np.asarray(a["logits"]), atol=1e-5)
-  for sa, sb in zip(a["scores"], b["scores"]):
+  np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), atol=1e-5)
+  for sa, sb in zip(a.scores, b.scores):
     np.testing.assert_allclose(np.asarray(sb), np.asarray(sa), atol=1e-5)
-  loss = lambda m: lambda p: jnp.sum(m.apply({"params": p}, ids, mask, keep_counts=(12, 8, 5),
-                                             deterministic=False,
-                                             rngs={"dropout": jax.random.PRNGKey(1)})["logits"] ** 2)
+  loss = lambda m: lambda p: jnp.sum(m.apply(p, batch, (12, 8, 5), options=Options(train=True),
+                                             rng=jax.random.PRNGKey(1)).logits ** 2)
   ga, gb = jax.grad(loss(whole))(params), jax.grad(loss(blocked))(params)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
@@ -110,64 +110,56 @@ def _causal_batch(vocab, n=16):
   return ids, mask
 
 
+CAUSAL = {
+    "gpt2": dict(model_type="gpt2", vocab_size=60, n_positions=32, n_embd=24, n_layer=3, n_head=3,
+                 attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
+    "llama": dict(model_type="llama", vocab_size=60, hidden_size=24, intermediate_size=40,
+                  num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
+                  max_position_embeddings=32),
+}
+
+
 @pytest.mark.parametrize("rule", ["score", "window"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_causal_blocked_attention_equals_the_whole_matrix(family, rule):
   """Logits, score vectors, survivors and KV of GPT-2 and Llama (GQA, sliding window) with
   left padding and elimination: blocks of 4 and 1 queries against all at once; gradients too."""
-  import dataclasses
-
-  from latadj_jax.models import gpt2, llama
-  if family == "gpt2":
-    cfg = gpt2.GPT2Config(vocab_size=60, n_positions=32, n_embd=24, n_layer=3, n_head=3,
-                          attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, survivors=rule,
-                          score_window=3)
-    build = gpt2.GPT2LMHeadModel
-  else:
-    cfg = llama.LlamaConfig(vocab_size=60, hidden_size=24, intermediate_size=40,
-                            num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
-                            max_position_embeddings=32, sliding_window=9, survivors=rule,
-                            score_window=3)
-    build = llama.LlamaForCausalLM
+  extra = {"sliding_window": 9} if family == "llama" else {}
+  whole = models.build(CAUSAL[family], survivors=rule, score_window=3, **extra)
   ids, mask = _causal_batch(60)
-  whole = build(cfg)
-  params = whole.init(jax.random.PRNGKey(0), ids, mask)["params"]
+  batch = Batch(ids, mask)
+  params = whole.init(0)
   counts = (12, 8, 5)
-  run = lambda m, p: m.apply({"params": p}, ids, mask, keep_counts=counts, output_scores=True)
+  run = lambda m, p: m.apply(p, batch, counts, options=Options(scores=True))
   want = run(whole, params)
   for block in (5, 1):
-    got = run(build(dataclasses.replace(cfg, attention_block=block)), params)
-    np.testing.assert_allclose(np.asarray(got["logits"]), np.asarray(want["logits"]), atol=1e-5)
+    got = run(whole.replace(attention_block=block), params)
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=1e-5)
     for key in ("scores", "layer_positions"):
-      _assert_trees_close(want[key], got[key])
+      _assert_trees_close(getattr(want, key), getattr(got, key))
 
   def loss(m):
-    extra = {} if family == "llama" else {"deterministic": False,
-                                          "rngs": {"dropout": jax.random.PRNGKey(1)}}
-    return lambda p: jnp.sum(m.apply({"params": p}, ids, mask, keep_counts=counts,
-                                     **extra)["logits"] ** 2)
-  blocked = build(dataclasses.replace(cfg, attention_block=4))
+    train = {} if family == "llama" else {"options": Options(train=True),
+                                          "rng": jax.random.PRNGKey(1)}
+    return lambda p: jnp.sum(m.apply(p, batch, counts, **train).logits ** 2)
+  blocked = whole.replace(attention_block=4)
   _assert_trees_close(jax.grad(loss(whole))(params), jax.grad(loss(blocked))(params), atol=1e-4)
 
 
 def test_t5_blocked_encoder_equals_the_whole_matrix():
   """T5's encoder (relative position bias per query block) with padding and elimination."""
-  import dataclasses
-
-  from latadj_jax.models import t5
-  cfg = t5.T5Config(vocab_size=60, d_model=24, d_kv=8, d_ff=32, num_layers=3, num_heads=3,
-                    relative_attention_num_buckets=8,
-                    relative_attention_max_distance=16)
+  whole = models.build({"model_type": "t5", "vocab_size": 60, "d_model": 24, "d_kv": 8,
+                        "d_ff": 32, "num_layers": 3, "num_heads": 3,
+                        "relative_attention_num_buckets": 8,
+                        "relative_attention_max_distance": 16})
+  blocked = whole.replace(attention_block=4)
   ids = np.random.default_rng(0).integers(1, 60, (2, 16)).astype(np.int32)
   mask = np.ones_like(ids)
   mask[1, 11:] = 0
-  whole = t5.T5ForConditionalGeneration(cfg)
-  blocked = t5.T5ForConditionalGeneration(dataclasses.replace(cfg, attention_block=4))
-  enc = t5.T5ForConditionalGeneration.encode
-  params = whole.init(jax.random.PRNGKey(0), ids, mask, method=enc)["params"]
-  run = lambda m, p: m.apply({"params": p}, ids, mask, (12, 8, 5), True, method=enc)
+  params = whole.init(0)
+  run = lambda m, p: m.method("encode", p, Batch(ids, mask), (12, 8, 5), Options(scores=True))
   want, got = run(whole, params), run(blocked, params)
   for key in ("last_hidden_state", "scores", "layer_positions", "mask"):
-    _assert_trees_close(want[key], got[key])
-  loss = lambda m: lambda p: jnp.sum(run(m, p)["last_hidden_state"] ** 2)
+    _assert_trees_close(getattr(want, key), getattr(got, key))
+  loss = lambda m: lambda p: jnp.sum(run(m, p).last_hidden_state ** 2)
   _assert_trees_close(jax.grad(loss(whole))(params), jax.grad(loss(blocked))(params), atol=1e-4)
