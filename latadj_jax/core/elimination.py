@@ -129,12 +129,12 @@ def check_causal_rule(rule: str, window: int, sinks: int, recent: int, pool: int
 
 def score_queries(rule: str, valid_BxN: jax.Array, window: int, with_scores: bool,
                   eliminating: bool) -> dict[str, jax.Array]:
-  """Returns the query weights (BxN) whose column sums a causal layer needs, by name.
+  """Returns the query weights (BxN) whose column sums a layer needs, by name.
 
-  ``score``: every valid query (eq. 8), for ACC or the ``score`` rule;
-  ``window``: the last ``window`` valid queries, for the ``window`` rule. The
-  attention accumulates ``column_sums`` for each while it runs (``causal_step``
-  reads them), so the probabilities need not outlive it.
+  ``score``: every valid query (the score vector; eq. 8 for a causal model),
+  for ACC or the ``score`` rule; ``window``: the last ``window`` valid queries,
+  for the ``window`` rule. The attention accumulates ``column_sums`` for each
+  while it runs (``ranking`` reads them), so the probabilities need not outlive it.
   """
   queries = {}
   if with_scores or (eliminating and rule == "score"):

@@ -15,7 +15,7 @@ docs/method.md section 4). The relative
 position bias of every layer is computed from the carried original positions,
 so a kept pair gets the bias of its original distance. The decoder's
 cross-attention sees exactly the surviving encoder states. The relative
-position bias and the attention module are in ``t5_attention``; greedy
+position bias and the attention module are in ``t5_layers``; greedy
 generation with a KV cache is in ``t5_generate``.
 """
 
