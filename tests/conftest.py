@@ -2,7 +2,9 @@
 
 Markers: ``slow`` marks the end-to-end runs that start subprocesses (train.py,
 eval.py, serve.py, notebook kernels, launched hosts) or train a model, the
-tests that read ``tiny_classifier_run``'s workdir included; ``make test``
+tests that read ``tiny_classifier_run``'s workdir included, plus the training
+objectives' gradient checks and the option-by-family equivalence sweeps (query
+blocks in every family) whose unit-level versions stay fast; ``make test``
 leaves them out (``-m "not slow"``), ``make test-all`` runs them too.
 """
 
@@ -22,6 +24,11 @@ for _var, _value in (("LATADJ_XLA_CACHE", _XLA_CACHE), ("JAX_COMPILATION_CACHE_D
                      ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"),
                      ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")):
   os.environ.setdefault(_var, _value)
+# Tests check results, not speed, on tiny programs: compiling them without LLVM's
+# optimisations cuts the compile time, most of every test, by about a third (tests/test_bert.py
+# and test_generate.py: 147 s -> 101 s). Latency is measured in benchmarks/, never here.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                                   "--xla_llvm_disable_expensive_passes=true")
 
 import pytest
 

@@ -99,6 +99,7 @@ def test_no_student_reruns_the_teacher_pass():
   assert anytime.spec_from_config(config).as_teacher == ()
 
 
+@pytest.mark.slow
 def test_loss_terms_are_the_configured_losses():
   model, params = tiny_bert()
   batch = tiny_batch()
@@ -120,6 +121,7 @@ def test_loss_terms_are_the_configured_losses():
     np.testing.assert_allclose(terms[name], 4.0 * kl, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_teacher_gets_no_gradient_from_distillation():
   t, s = jnp.array([[1.0, -2.0], [0.3, 0.1]]), jnp.array([[0.0, 0.5], [2.0, -1.0]])
   for regression in (False, True):
@@ -145,7 +147,7 @@ def test_teacher_gets_no_gradient_from_distillation():
     return total
   for a, b in zip(jax.tree.leaves(jax.grad(students)(params)),
                   jax.tree.leaves(jax.grad(with_constant_teacher)(params))):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, b, atol=1e-5)  # two programs: fused differently, ulp apart
 
 
 @pytest.mark.slow

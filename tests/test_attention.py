@@ -74,6 +74,7 @@ def test_gradients_through_query_blocks_match():
                              np.asarray(jax.grad(loss)(q, False)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bert_blocked_attention_equals_the_whole_matrix():
   """Logits, score vectors and survivors of a tiny BERT with elimination and padding; gradients too."""
   whole = models.build({"model_type": "bert", "vocab_size": 60, "hidden_size": 24,
@@ -86,14 +87,14 @@ def test_bert_blocked_attention_equals_the_whole_matrix():
   mask[1, 9:] = 0
   params = whole.init(0)
   batch = Batch(ids, mask)
-  run = lambda m, p: m.apply(p, batch, (12, 8, 5), options=Options(scores=True))
+  run = lambda m, p: jax.jit(lambda p: m.apply(p, batch, (12, 8, 5), options=Options(scores=True)))(p)
   a, b = run(whole, params), run(blocked, params)
   np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), atol=1e-5)
   for sa, sb in zip(a.scores, b.scores):
     np.testing.assert_allclose(np.asarray(sb), np.asarray(sa), atol=1e-5)
   loss = lambda m: lambda p: jnp.sum(m.apply(p, batch, (12, 8, 5), options=Options(train=True),
                                              rng=jax.random.PRNGKey(1)).logits ** 2)
-  ga, gb = jax.grad(loss(whole))(params), jax.grad(loss(blocked))(params)
+  ga, gb = jax.jit(jax.grad(loss(whole)))(params), jax.jit(jax.grad(loss(blocked)))(params)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
 
@@ -119,6 +120,7 @@ CAUSAL = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["score", "window"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_causal_blocked_attention_equals_the_whole_matrix(family, rule):
@@ -130,7 +132,7 @@ def test_causal_blocked_attention_equals_the_whole_matrix(family, rule):
   batch = Batch(ids, mask)
   params = whole.init(0)
   counts = (12, 8, 5)
-  run = lambda m, p: m.apply(p, batch, counts, options=Options(scores=True))
+  run = lambda m, p: jax.jit(lambda p: m.apply(p, batch, counts, options=Options(scores=True)))(p)
   want = run(whole, params)
   for block in (5, 1):
     got = run(whole.replace(attention_block=block), params)
@@ -143,9 +145,11 @@ def test_causal_blocked_attention_equals_the_whole_matrix(family, rule):
                                           "rng": jax.random.PRNGKey(1)}
     return lambda p: jnp.sum(m.apply(p, batch, counts, **train).logits ** 2)
   blocked = whole.replace(attention_block=4)
-  _assert_trees_close(jax.grad(loss(whole))(params), jax.grad(loss(blocked))(params), atol=1e-4)
+  _assert_trees_close(jax.jit(jax.grad(loss(whole)))(params),
+                      jax.jit(jax.grad(loss(blocked)))(params), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_t5_blocked_encoder_equals_the_whole_matrix():
   """T5's encoder (relative position bias per query block) with padding and elimination."""
   whole = models.build({"model_type": "t5", "vocab_size": 60, "d_model": 24, "d_kv": 8,
@@ -158,8 +162,9 @@ def test_t5_blocked_encoder_equals_the_whole_matrix():
   mask[1, 11:] = 0
   params = whole.init(0)
   run = lambda m, p: m.method("encode", p, Batch(ids, mask), (12, 8, 5), Options(scores=True))
-  want, got = run(whole, params), run(blocked, params)
+  want, got = jax.jit(lambda p: run(whole, p))(params), jax.jit(lambda p: run(blocked, p))(params)
   for key in ("last_hidden_state", "scores", "layer_positions", "mask"):
     _assert_trees_close(getattr(want, key), getattr(got, key))
   loss = lambda m: lambda p: jnp.sum(run(m, p).last_hidden_state ** 2)
-  _assert_trees_close(jax.grad(loss(whole))(params), jax.grad(loss(blocked))(params), atol=1e-4)
+  _assert_trees_close(jax.jit(jax.grad(loss(whole)))(params),
+                      jax.jit(jax.grad(loss(blocked)))(params), atol=1e-4)

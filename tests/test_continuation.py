@@ -52,6 +52,7 @@ def test_continuation_nll_gpt2_matches_a_full_forward():
   assert scores["tokens"] == 15
 
 
+@pytest.mark.slow
 def test_continuation_sweep_llama():
   model, params = tiny("llama")
   stream = np.random.default_rng(6).integers(0, TINY_VOCAB, (5, 17)).astype(np.int32)

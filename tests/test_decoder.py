@@ -144,7 +144,8 @@ def test_sliding_window_counts_original_positions():
   ids = np.random.default_rng(8).integers(0, TINY_VOCAB, (2, 12)).astype(np.int32)
   logits = lambda m: np.asarray(m.apply(params, Batch(ids), (9, 6, 4)).logits)
   base = logits(model)
-  np.testing.assert_array_equal(logits(model.replace(sliding_window=12)), base)
+  # Two programs (with and without the window mask), fused differently: equal to rounding.
+  np.testing.assert_allclose(logits(model.replace(sliding_window=12)), base, atol=1e-5, rtol=0)
   assert np.abs(logits(model.replace(sliding_window=3)) - base).max() > 1e-3
 
 
@@ -168,6 +169,7 @@ def test_grouped_query_heads_equal_repeated_key_value_heads():
     np.testing.assert_array_equal(np.asarray(pa), np.asarray(pb))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])
 def test_dropout_only_in_training(variant):
   model, params = tiny(variant)

@@ -104,7 +104,7 @@ def test_prefill_then_decode_is_generate():
   tokens, _ = gen.decode_fn(model, T)(params, first, state, jax.random.split(rng)[0])
   np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want["tokens"]))
   # The prefill's logits are the full forward's at each row's last valid token.
-  logits_BxV, out = model.method("prefill", params, Batch(ids, mask), counts)
+  logits_BxV, out = jax.jit(lambda p: model.method("prefill", p, Batch(ids, mask), counts))(params)
   full = model.apply(params, Batch(ids, mask), counts)
   last = np.asarray(out.positions) == (np.asarray(lengths) - 1)[:, None]
   np.testing.assert_allclose(np.asarray(logits_BxV), np.asarray(full.logits)[last], atol=1e-5)

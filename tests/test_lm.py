@@ -204,6 +204,7 @@ def test_lm_resume_after_kill_matches_uninterrupted(trained, text_dir, tmp_path,
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_anytime_lm_terms_distill_at_each_students_survivors(tiny_model):
   """The teacher term is the plain model's survivor NLL; a student's is T^2 KL at its survivors only."""
   from latadj_jax.training import anytime
@@ -231,7 +232,8 @@ def test_anytime_lm_terms_distill_at_each_students_survivors(tiny_model):
   student = jax.nn.log_softmax(out.logits)
   kl = np.asarray(jnp.sum(jnp.exp(teacher) * (teacher - student), -1))
   w = pos < 11  # the last position has no target
-  np.testing.assert_allclose(float(terms["smallest"][0]), float((kl * w).sum()), rtol=1e-5)
+  np.testing.assert_allclose(float(terms["smallest"][0]), float((kl * w).sum()), rtol=1e-5,
+                             atol=1e-7)
   assert float(terms["smallest"][1]) == w.sum() and w.sum() < 22
 
 

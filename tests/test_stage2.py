@@ -71,6 +71,7 @@ def test_init_from_loads_exactly_the_stage1_parameters_and_profile(stage1, tiny_
     classifier.load_init(other.init_from, pre3, task3)
 
 
+@pytest.mark.slow
 def test_frozen_teacher_gets_no_gradient_and_no_optimizer_state():
   model, params = dropout_bert(0.0)
   frozen = jax.tree.map(lambda x: 1.3 * x, params)  # another model than the live one
@@ -102,6 +103,7 @@ def test_frozen_teacher_gets_no_gradient_and_no_optimizer_state():
   assert float(out["loss"]) > 0
 
 
+@pytest.mark.slow
 def test_dropout_is_off_on_student_passes_when_asked():
   model, params = dropout_bert(0.3)
   frozen = jax.tree.map(lambda x: 1.3 * x, params)

@@ -11,6 +11,7 @@ model).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -224,10 +225,14 @@ class Model:
 
   def apply(self, params: Any, batch: Batch, keep_counts: Sequence[int] | None = None, *,
             options: Options = INFERENCE, rng: jax.Array | None = None) -> Output:
-    """Returns the forward pass at static ``keep_counts`` (None: no elimination)."""
+    """Returns the forward pass at static ``keep_counts`` (None: no elimination).
+
+    Called outside ``jax.jit`` it compiles once per (model, counts, options)
+    and shapes, instead of dispatching op by op; inside a jitted function it
+    is inlined like any other call.
+    """
     counts = None if keep_counts is None else tuple(keep_counts)
-    rngs = {"dropout": rng} if options.train else None
-    return self.module.apply({"params": params}, batch, counts, options, rngs=rngs)
+    return _jitted_apply(self, counts, options)(params, batch, rng)
 
   def method(self, name: str, params: Any, *args: Any) -> Any:
     """Returns ``module.<name>(*args)`` with ``params``: prefill, decode, encode, ... of a kind."""
@@ -239,6 +244,14 @@ class Model:
     if options and jax.default_backend() == "cpu":
       return {"compiler_options": dict(options)}
     return {}
+
+
+@functools.lru_cache(maxsize=256)
+def _jitted_apply(model: Model, counts: tuple[int, ...] | None, options: Options):
+  def forward(params, batch, rng):
+    rngs = {"dropout": rng} if options.train else None
+    return model.module.apply({"params": params}, batch, counts, options, rngs=rngs)
+  return jax.jit(forward)
 
 
 def default_position_ids(valid_BxN: jax.Array) -> jax.Array:

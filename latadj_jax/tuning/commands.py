@@ -1,9 +1,9 @@
 """What ``eval.py`` runs once its flags are parsed: a workdir at k, a target or a budget; or a config.
 
-The run kind in the config (``config.run``) chooses: a trained classifier
-workdir goes to ``tuning.offline``, a language-model workdir to
-``tasks.lm_eval``; a training-free config (few-shot T5, causal-LM continuation
-or few-shot letters) to its ``tasks`` harness.
+The run kind in the config (``config.run``) chooses: a trained classifier or
+language-model workdir goes to ``tuning.offline``; a training-free config
+(few-shot T5, causal-LM continuation or few-shot letters) to its ``tasks``
+harness, which ``run_harness`` sweeps.
 """
 
 from __future__ import annotations
