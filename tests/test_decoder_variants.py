@@ -35,6 +35,18 @@ def loaded(gpt2_dirs):
           "torch_bin": models.from_pretrained(str(bin_dir), head="lm")}
 
 
+def _assert_matches_hf(pre, ids, mask, ref, label: str) -> None:
+  """Our logits equal HF's within 1e-4 at the valid positions, and k = 1 (flat) changes nothing."""
+  ours = np.asarray(pre.model.apply(pre.params, Batch(ids, mask)).logits)
+  valid = mask.astype(bool)
+  err = np.abs(ours[valid] - ref[valid]).max()
+  print(f"{label}: logits max abs error (valid positions): {err:.2e}")
+  assert err < 1e-4
+  counts = schedule.keep_counts(ids.shape[1], 1.0, schedule.flat_profile(N_LAYER))
+  same = pre.model.apply(pre.params, Batch(ids, mask), counts).logits
+  np.testing.assert_array_equal(np.asarray(same), ours)
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "torch_bin"])
 def test_gpt2_parity_random_weights_padded_batch(gpt2_dirs, loaded, fmt):
   hf = gpt2_dirs[2]
@@ -44,18 +56,10 @@ def test_gpt2_parity_random_weights_padded_batch(gpt2_dirs, loaded, fmt):
   assert set(pre.report.unused) <= {"lm_head.weight"}
   assert "lm_head" not in pre.params
   ids, mask = right_padded([16, 11, 4], 16, GPT2_VOCAB)
-  ours = np.asarray(pre.model.apply(pre.params, Batch(ids, mask)).logits)
   with torch.no_grad():
     ref = hf(input_ids=torch.tensor(ids, dtype=torch.long),
              attention_mask=torch.tensor(mask)).logits.numpy()
-  valid = mask.astype(bool)
-  err = np.abs(ours[valid] - ref[valid]).max()
-  print(f"{fmt}: GPT-2 logits max abs error (valid positions): {err:.2e}")
-  assert err < 1e-4
-  # k = 1 with a flat profile is the same computation.
-  counts = schedule.keep_counts(16, 1.0, schedule.flat_profile(N_LAYER))
-  same = pre.model.apply(pre.params, Batch(ids, mask), counts).logits
-  np.testing.assert_array_equal(np.asarray(same), ours)
+  _assert_matches_hf(pre, ids, mask, ref, f"{fmt}: GPT-2")
 
 
 @pytest.mark.parametrize("variant", sorted(LLAMA_VARIANTS))
@@ -67,15 +71,7 @@ def test_llama_parity_with_hf_random_weights(variant, tmp_path):
   assert pre.report.missing == [] and pre.report.unused == []
   assert ("lm_head" in pre.params) != pre.model.config.tie_word_embeddings
   ids, mask = padded_batch(LLAMA_VOCAB)
-  ours = np.asarray(pre.model.apply(pre.params, Batch(ids, mask)).logits)
-  ref = torch_logits(hf, ids, mask)
-  valid = mask.astype(bool)
-  err = np.abs(ours[valid] - ref[valid]).max()
-  print(f"{variant}: logits max abs error {err:.2e}")
-  assert err < 1e-4
-  counts = schedule.keep_counts(16, 1.0, schedule.flat_profile(N_LAYER))
-  same = pre.model.apply(pre.params, Batch(ids, mask), counts).logits
-  np.testing.assert_array_equal(np.asarray(same), ours)
+  _assert_matches_hf(pre, ids, mask, torch_logits(hf, ids, mask), variant)
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "mistral_window5"])

@@ -132,6 +132,6 @@ def format_table(rows: Sequence[dict], metrics: Mapping[str, str]) -> str:
     cells = ([f"{r['coeff']:g}"] + [_cell(r.get(m), f) for m, f in metrics.items()]
              + [counts, f"{r['expected_speedup']:.2f}x", f"{r['flops_ratio']:.2f}x",
                 f"{r['measured_speedup']:.2f}x"]
-             + [f"{r[t + '_ms']:.1f}" for t in timings] + ([f"{r[rate]:.0f}"] if rate else []))
+             + [_cell(r.get(t + "_ms"), ".1f") for t in timings] + ([f"{r[rate]:.0f}"] if rate else []))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
