@@ -7,6 +7,8 @@
 # `@pytest.mark.slow` (what to run on every edit); `make test-all` runs everything, the
 # slow end-to-end runs too (subprocesses: train.py, eval.py, serve.py, notebooks, launched
 # hosts; training). CI (.ci/run) runs `make test-all`. Both print the 15 slowest tests.
+# Both run one pytest-xdist worker per core, each test file on one worker (its module
+# fixtures built once): XLA compiles on one thread, so a second worker uses the second core.
 #
 # Each creates .venv when it is missing and installs only what is not installed
 # yet: a stamp file in .venv, named by a hash of pyproject.toml and this
@@ -14,6 +16,7 @@
 # command, and editing either file reinstalls. Variables:
 #   make test PYTEST_ARGS="tests/test_export.py -x"    # a selection instead of tests/ (fast tier)
 #   make test-all PYTEST_ARGS=tests/test_hub.py        # the same, slow tests included
+#   make test WORKERS=0                                # one process, no xdist (pdb, -s)
 #   make quickstart ARGS="--config.num_epochs=1"       # extra train.py flags
 #   make install / make install-test                   # install only
 
@@ -41,7 +44,8 @@ quickstart: $(QUICKSTART_DEPS)
 	HF_HUB_OFFLINE=1 $(PY) train.py --config=quickstart $(ARGS)
 
 # The README's test commands, offline: the fast tier, then everything.
-PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
+WORKERS ?= auto
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 -n $(WORKERS) --dist loadfile
 
 test: $(TEST_STAMP)
 	$(PYTEST) -m "not slow" $(or $(PYTEST_ARGS),tests)
