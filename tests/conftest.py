@@ -29,6 +29,11 @@ for _var, _value in (("LATADJ_XLA_CACHE", _XLA_CACHE), ("JAX_COMPILATION_CACHE_D
 # and test_generate.py: 147 s -> 101 s). Latency is measured in benchmarks/, never here.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
                                    "--xla_llvm_disable_expensive_passes=true")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+  # One pytest-xdist worker per core: a second thread per worker (XLA's Eigen pool, torch's
+  # OpenMP) would only contend with the other worker, and spinning threads burn its core.
+  os.environ.setdefault("OMP_NUM_THREADS", "1")
+  os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"
 
 import pytest
 

@@ -50,11 +50,12 @@ def test_run_writes_everything_eval_needs(trained):
 
 
 def test_quickstart_smoke_real_minilm(tmp_path, capsys):
-  # The README's first run, shortened to 2 epochs: real MiniLM weights, the shipped data.
+  # The README's first run, shortened as notebook 02 shortens it (40 steps of 16 at a higher
+  # lr, one 32-token bucket): real MiniLM weights, the shipped data.
   from latadj_jax.runtime import config_lib
   config = config_lib.override(config_lib.load("quickstart"), [
-      "num_epochs=2", "eval_coeffs=(0.8,1.0)", "time_repeats=2",
-      "progress=false"])
+      "max_steps=40", "learning_rate=2e-4", "max_len=32", "buckets=(32,)",
+      "eval_coeffs=(0.8,1.0)", "time_repeats=2", "progress=false"])
   metrics = classifier.train_and_evaluate(config, tmp_path)
   out = capsys.readouterr().out
   assert "| coeff | accuracy |" in out and "executable cache:" in out
