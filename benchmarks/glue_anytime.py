@@ -20,6 +20,9 @@ buckets 32/64):
   checkpoint chosen by the mean dev metric over the sweep grid;
 * ``s2_<teacher>_flat``: the same with the flat profile, over flat k 0.6 ... 1;
 * a ``_nodrop`` suffix (``s2_full_flat_nodrop``): dropout on the teacher pass only;
+* ``s2_control``: stage 2's schedule (init, epochs, lr, warm-up, checkpoint choice over
+  the flat grid) with no students: the full model on its label loss alone, the control
+  that separates what the schedule costs from what the students cost;
 * ``first`` / ``random``: trained and evaluated at k = 1 with the ``first`` or
   ``random`` survivor rule instead of the score (paper Table VII).
 
@@ -60,10 +63,15 @@ MODES = {  # mode -> train.py overrides; stage-2 modes are composed by mode_flag
 TEACHERS = ("full", "frozen", "largest")
 
 
+CONTROL = "s2_control"
+
+
 def mode_flags(mode: str) -> list[str]:
-  """Returns a mode's train.py overrides: MODES, or ``s2_<teacher>[_flat][_nodrop]``."""
+  """Returns a mode's train.py overrides: MODES, ``s2_control`` or ``s2_<teacher>[_flat][_nodrop]``."""
   if mode in MODES:
     return MODES[mode]
+  if mode == CONTROL:
+    return ["--config.coeff=1", "--config.profile=flat"]
   parts = mode.split("_")
   if parts[0] != "s2" or len(parts) < 2 or parts[1] not in TEACHERS or \
      not set(parts[2:]) <= {"flat", "nodrop"}:
@@ -76,7 +84,7 @@ def mode_flags(mode: str) -> list[str]:
 
 def is_flat(mode: str) -> bool:
   """Whether a mode is trained and swept over flat k (which never exceeds 1)."""
-  return mode == "base" or (mode.startswith("s2_") and "flat" in mode.split("_"))
+  return mode in ("base", CONTROL) or (mode.startswith("s2_") and "flat" in mode.split("_"))
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -111,6 +119,11 @@ def acc_profile(args) -> tuple[float, ...]:
   return tuple(json.loads(path.read_text())["ep"])
 
 
+def train_coeffs(args, mode: str) -> str:
+  """Returns a stage-2 mode's students' k (none for the control)."""
+  return "" if mode == CONTROL else args.flat_train_coeffs if is_flat(mode) else args.train_coeffs
+
+
 def train(args, mode: str) -> dict:
   """Trains one mode (or reuses its finished workdir); returns its summary."""
   from latadj_jax.runtime import workdir as wd
@@ -130,7 +143,7 @@ def train(args, mode: str) -> dict:
     grid = args.flat_sweep if flat else args.sweep
     cmd += [f"--config.init_from={args.root / 'base'}", f"--config.num_epochs={args.stage2_epochs}",
             f"--config.learning_rate={args.stage2_lr or args.lr}",
-            f"--config.train_coeffs={args.flat_train_coeffs if flat else args.train_coeffs}",
+            f"--config.train_coeffs={train_coeffs(args, mode)}",
             f"--config.anytime_samples={args.anytime_samples}", "--config.anytime_always=1.0",
             f"--config.select_coeffs={grid}", f"--config.eval_every={args.eval_every}",
             *args.stage2_flags.split()]
@@ -263,6 +276,8 @@ TEACHER_LABELS = {"full": "no elimination", "frozen": "frozen stage 1", "largest
 
 def label(mode: str) -> str:
   """Returns a mode's legend entry."""
+  if mode == CONTROL:
+    return "stage 2 control: the full model on the labels, no students (flat)"
   if mode in LABELS or not mode.startswith("s2_"):
     return LABELS.get(mode, mode)
   parts = mode.split("_")
@@ -363,7 +378,7 @@ def main() -> None:
               args.flat_sweep if is_flat(mode) else args.sweep)
     result["sweeps"][mode] = sweep(args, mode, coeffs)["rows"]
     out.write_text(json.dumps(result, indent=2) + "\n")
-  anytime_modes = [m for m in modes if m == "anytime" or m.startswith("s2_")]
+  anytime_modes = [m for m in modes if m == "anytime" or (m.startswith("s2_") and m != CONTROL)]
   lead = args.fixed_length_mode or (anytime_modes[0] if anytime_modes else "none")
   if lead != "none":  # one anytime mode stands for the fixed-length and cache checks
     result["fixed_length"] = {
@@ -372,7 +387,7 @@ def main() -> None:
                 "gains include eliminating padding",
         "rows": fixed_length_sweep(args.root / lead, args.sweep, args.repeats)}
     if not args.skip_timing:
-      teachers = [m.split("_")[1] for m in anytime_modes if m.startswith("s2_")]
+      teachers = [m.split("_")[1] for m in anytime_modes if m.startswith("s2_") and m != CONTROL]
       result["train_step_time"] = step_time_ratio(args, sorted(set(teachers)) or ["largest"])
       result["executable_cache"] = cache_check(args, lead, args.sweep)
   out.write_text(json.dumps(result, indent=2) + "\n")

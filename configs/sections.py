@@ -117,8 +117,13 @@ def anytime(c: ml_collections.ConfigDict) -> None:
   c.anytime_always = "auto"
   c.anytime_samples = 2            # further students drawn per step from the other coefficients
   c.student_dropout = True         # False: dropout on the teacher pass only
+  # What the students match: "logits" (the teacher's outputs), "hidden" (its hidden states at
+  # the student's survivors, plus position 0's final state; teacher full or frozen) or "none"
+  # (the labels alone, at student_label_weight).
+  c.distill = "logits"
   c.distill_temperature = 1.0
-  c.distill_weight = 1.0           # each student's distillation loss
+  c.distill_weight = 1.0           # each student's logit distillation loss
+  c.hidden_weight = 1.0            # each student's hidden-state loss (distill "hidden")
   c.student_label_weight = 0.0     # each student's label loss
 
 
@@ -139,6 +144,7 @@ def optimisation(c: ml_collections.ConfigDict) -> None:
   c.learning_rate = 2e-5
   c.weight_decay = 0.01
   c.warmup_ratio = 0.06
+  c.warmup_steps = -1              # >= 0: this many warm-up steps instead of warmup_ratio
   c.max_grad_norm = 0.0            # > 0: clip the gradient's global norm (HF Trainer: 1.0)
   c.num_epochs = 3
   c.max_steps = -1                 # > 0 stops early

@@ -99,6 +99,77 @@ def test_no_student_reruns_the_teacher_pass():
   assert anytime.spec_from_config(config).as_teacher == ()
 
 
+def test_distill_options_are_checked_and_read_from_the_config():
+  with pytest.raises(ValueError, match="teacher=full"):
+    anytime.AnytimeSpec((0.8, 1.2), teacher="largest", distill="hidden")
+  with pytest.raises(ValueError, match="student_label_weight"):
+    anytime.AnytimeSpec((0.8, 1.2), teacher="full", distill="none")
+  with pytest.raises(ValueError, match="logits, hidden, none"):
+    anytime.AnytimeSpec((0.8, 1.2), distill="states")
+  from configs import default
+  config = default.get_config()
+  config.train_coeffs, config.distill, config.hidden_weight = "0.6,1.0", "hidden", 0.5
+  spec = anytime.spec_from_config(config)
+  assert (spec.distill, spec.hidden_weight) == ("hidden", 0.5)
+
+
+def manual_hidden_loss(teacher, student, mask):
+  """The hidden-state loss written out per example, layer and survivor (numpy)."""
+  t_states = [np.asarray(h) for h in teacher.hidden_states]
+  s_states = [np.asarray(h) for h in student.hidden_states]
+  B, N = mask.shape
+  positions = [np.tile(np.arange(N), (B, 1))] + [np.asarray(p) for p in student.layer_positions]
+  out = np.zeros(B)
+  for b in range(B):
+    for t, s, p in zip(t_states, s_states, positions):
+      errs = [np.mean((s[b, j] - t[b, p[b, j]]) ** 2) for j in range(p.shape[1]) if mask[b, p[b, j]]]
+      out[b] += np.mean(errs)
+    out[b] += sum(np.mean((s_states[-1][b, j] - t_states[-1][b, 0]) ** 2)
+                  for j in range(positions[-1].shape[1]) if positions[-1][b, j] == 0)
+  return out
+
+
+def test_hidden_distillation_is_zero_when_the_student_keeps_every_token():
+  model, params = tiny_bert()
+  batch = tiny_batch()
+  spec = anytime.AnytimeSpec((0.6, 1.0), teacher="full", distill="hidden", hidden_weight=2.0,
+                             always=(1.0,))
+  def terms(schedules):
+    return anytime.loss_terms(params, batch, jax.random.PRNGKey(0), model=model, spec=spec,
+                              schedules=schedules, sampled=(), is_regression=True)
+  keep_all = terms({0.6: (16, 16), 1.0: (16, 16)})
+  assert set(keep_all) == {"label", "smallest", "always0"}
+  assert float(keep_all["smallest"]) == 0.0 and float(keep_all["always0"]) == 0.0
+  counts = schedule.keep_counts(16, 0.6, (0.8, 0.9))
+  assert counts[-1] < 16
+  dropping = terms({0.6: counts, 1.0: (16, 16)})
+  hidden = models.Options(hidden=True)
+  teacher = model.apply(params, models.Batch.of(batch), options=hidden)
+  student = model.apply(params, models.Batch.of(batch), counts, options=hidden)
+  want = 2.0 * manual_hidden_loss(teacher, student, np.asarray(batch["attention_mask"])).sum()
+  assert want > 1e-3
+  np.testing.assert_allclose(dropping["smallest"], want, rtol=1e-5)
+
+
+def test_regression_with_distill_none_trains_the_students_on_the_labels_alone():
+  model, params = tiny_bert()
+  batch = dict(tiny_batch(), labels=jnp.linspace(0.0, 5.0, 6))
+  spec = anytime.AnytimeSpec((0.6, 1.0), teacher="full", distill="none",
+                             student_label_weight=0.5)
+  counts = schedule.keep_counts(16, 0.6, (0.8, 0.9))
+  def smallest(p):
+    return anytime.loss_terms(p, batch, jax.random.PRNGKey(0), model=model, spec=spec,
+                              schedules={0.6: counts, 1.0: (16, 16)}, sampled=(),
+                              is_regression=True)["smallest"]
+  student = model.apply(params, models.Batch.of(batch), counts).logits[:, 0]
+  # Exactly half the squared error on the labels: no distillation term beside it.
+  np.testing.assert_allclose(smallest(params), 0.5 * jnp.sum(jnp.square(student - batch["labels"])),
+                             rtol=1e-6)
+  grads = jax.grad(smallest)(params)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)) > 0
+
+
 @pytest.mark.slow
 def test_loss_terms_are_the_configured_losses():
   model, params = tiny_bert()

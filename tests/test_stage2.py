@@ -149,3 +149,22 @@ def test_max_grad_norm_clips_the_global_norm_before_adamw():
     np.testing.assert_allclose(a, b, rtol=1e-6)
   unclipped = updates(plain, grads)
   assert not np.allclose(jax.tree.leaves(clipped[1])[0], jax.tree.leaves(unclipped[1])[0])
+
+
+def test_warmup_steps_zero_starts_at_the_peak_learning_rate():
+  from configs import default
+  config = default.get_config()
+  config.learning_rate, config.weight_decay = 1e-3, 0.0
+  params = {"w": jnp.ones(4)}
+  grads = {"w": jnp.asarray([1.0, -2.0, 3.0, -4.0])}
+  def first_update(warmup_steps):
+    config.warmup_steps = warmup_steps
+    tx = loop.make_optimizer(config, 100)
+    return tx.update(grads, tx.init(params), params)[0]["w"]
+  # Adam's first step moves each weight by lr against its gradient's sign.
+  np.testing.assert_allclose(first_update(0), -1e-3 * jnp.sign(grads["w"]), rtol=1e-4)
+  np.testing.assert_array_equal(first_update(10), jnp.zeros(4))   # warm-up starts at lr 0
+  config.warmup_steps, config.warmup_ratio = -1, 0.0               # -1: warmup_ratio decides
+  tx = loop.make_optimizer(config, 100)
+  np.testing.assert_allclose(tx.update(grads, tx.init(params), params)[0]["w"],
+                             -1e-3 * jnp.sign(grads["w"]), rtol=1e-4)

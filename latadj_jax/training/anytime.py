@@ -29,9 +29,19 @@ compiled train steps is fixed: one per (bucket, draw of sampled coefficients).
 The draw is a function of the seed and the step number, so a resumed run draws
 the same ones.
 
-Distillation loss, per example: classification uses ``T^2 * KL(p_T || q_T)``
-with ``p_T``/``q_T`` the teacher/student softmax at temperature ``T``;
-regression uses the squared difference of the two outputs.
+What a student matches (``--config.distill``), per example:
+
+* ``logits``: the teacher's outputs. Classification uses ``T^2 * KL(p_T || q_T)``
+  with ``p_T``/``q_T`` the teacher/student softmax at temperature ``T``;
+  regression the squared difference of the two outputs.
+* ``hidden``: the teacher's hidden states (DynaBERT's regression recipe): the
+  mean squared difference at each layer's output (and the embeddings) over the
+  student's surviving real tokens, the teacher's states gathered at the
+  survivors' original positions, plus position 0's final state (BERT's [CLS],
+  which the classification head reads). Needs a teacher that eliminates
+  nothing (``full`` or ``frozen``).
+* ``none``: nothing; the students learn from the labels alone
+  (``student_label_weight``), as ToP trains STS-B.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from latadj_jax import models
 from latadj_jax.core import schedule
 
 TEACHERS = ("full", "frozen", "largest")
+DISTILL = ("logits", "hidden", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +74,23 @@ class AnytimeSpec:
   always: tuple[float, ...] = ()   # students trained every step besides the smallest
   student_dropout: bool = True     # dropout on the student passes too
   as_teacher: tuple[float, ...] = ()  # coefficients whose pass is the teacher's: never students
+  distill: str = "logits"          # one of DISTILL: what the students match
+  hidden_weight: float = 1.0       # distill "hidden": weight of each student's hidden-state loss
 
   def __post_init__(self):
     if self.teacher not in TEACHERS:
       raise ValueError(f"unknown teacher {self.teacher!r}; --config.teacher is one of "
                        f"{', '.join(TEACHERS)}")
+    if self.distill not in DISTILL:
+      raise ValueError(f"unknown distill {self.distill!r}; --config.distill is one of "
+                       f"{', '.join(DISTILL)}")
+    if self.distill == "hidden" and self.teacher == "largest":
+      raise ValueError("--config.distill=hidden compares hidden states at the student's "
+                       "survivors, so the teacher must keep every token: --config.teacher=full "
+                       "or frozen")
+    if self.distill == "none" and not self.student_label_weight:
+      raise ValueError("--config.distill=none leaves the students no loss: set "
+                       "--config.student_label_weight (1.0 trains them on the labels)")
     stray = [k for k in self.always if k not in self.coeffs]
     if stray:
       raise ValueError(f"anytime_always {stray} must be among train_coeffs {list(self.coeffs)}")
@@ -175,7 +198,8 @@ def spec_from_config(config) -> AnytimeSpec | None:
                      student_label_weight=float(config.get("student_label_weight", 0.0)),
                      teacher=teacher, always=always,
                      student_dropout=bool(config.get("student_dropout", True)),
-                     as_teacher=as_teacher)
+                     as_teacher=as_teacher, distill=str(config.get("distill", "logits")),
+                     hidden_weight=float(config.get("hidden_weight", 1.0)))
 
 
 def label_loss(logits_BxC: jax.Array, labels_B: jax.Array, is_regression: bool) -> jax.Array:
@@ -198,6 +222,31 @@ def distill_loss(teacher_BxC: jax.Array, student_BxC: jax.Array, is_regression: 
   return (t * t) * kl_B
 
 
+def hidden_distill_loss(teacher: models.Output, student: models.Output,
+                        mask_BxN: jax.Array) -> jax.Array:
+  """Returns the per-example hidden-state loss of a student against a teacher that eliminates nothing.
+
+  Both outputs carry ``hidden_states`` (``Options(hidden=True)``). At the
+  embeddings and after each layer, the teacher's states are gathered at the
+  student's survivors' original positions; the squared difference, averaged
+  over the width and the surviving real tokens (``mask_BxN``: the input's
+  attention mask), is summed over the layers, plus position 0's final state.
+  The teacher side gets no gradient.
+  """
+  B, N = mask_BxN.shape
+  positions = (jnp.broadcast_to(jnp.arange(N), (B, N)),) + tuple(student.layer_positions)
+  loss_B = jnp.zeros(B, jnp.float32)
+  sq_BxK = None
+  for t_BxNxD, s_BxKxD, p_BxK in zip(teacher.hidden_states, student.hidden_states, positions,
+                                     strict=True):
+    t_BxKxD = jnp.take_along_axis(jax.lax.stop_gradient(t_BxNxD), p_BxK[..., None], axis=1)
+    valid_BxK = jnp.take_along_axis(mask_BxN, p_BxK, axis=1).astype(jnp.float32)
+    sq_BxK = jnp.mean(jnp.square(s_BxKxD.astype(jnp.float32) - t_BxKxD), axis=-1)
+    loss_B += jnp.sum(sq_BxK * valid_BxK, -1) / jnp.maximum(jnp.sum(valid_BxK, -1), 1.0)
+  # After the loop, sq_BxK is the final layer's: add its position-0 entry once more.
+  return loss_B + jnp.sum(sq_BxK * (positions[-1] == 0), axis=-1)
+
+
 def loss_terms(params, batch: dict, rng: jax.Array, frozen: Any = None, *, model,
                spec: AnytimeSpec, schedules: dict[float, tuple[int, ...]],
                sampled: Sequence[float], is_regression: bool) -> dict[str, jax.Array]:
@@ -207,26 +256,33 @@ def loss_terms(params, batch: dict, rng: jax.Array, frozen: Any = None, *, model
   bucket; ``sampled`` are this step's drawn coefficients; ``frozen`` holds the
   frozen teacher's parameters (``teacher="frozen"`` only).
   """
-  def logits_at(p, counts, i: int, dropout: bool) -> jax.Array:
-    return model.apply(p, models.Batch.of(batch), counts, options=models.Options(train=dropout),
-                       rng=jax.random.fold_in(rng, i) if dropout else None).logits
+  options = lambda dropout: models.Options(train=dropout, hidden=spec.distill == "hidden")
+
+  def forward(p, counts, i: int, dropout: bool) -> models.Output:
+    return model.apply(p, models.Batch.of(batch), counts, options=options(dropout),
+                       rng=jax.random.fold_in(rng, i) if dropout else None)
 
   w_B = batch["weights"]
   terms = {}
-  if spec.teacher == "frozen":
+  if spec.teacher == "frozen":  # eval mode: no dropout, no gradient
     if frozen is None:
       raise ValueError("teacher='frozen' needs the frozen teacher's parameters")
-    teacher = jax.lax.stop_gradient(logits_at(frozen, None, 0, dropout=False))
+    teacher = jax.tree.map(jax.lax.stop_gradient, forward(frozen, None, 0, dropout=False))
   else:
     counts = None if spec.teacher == "full" else schedules[spec.largest]
-    teacher = logits_at(params, counts, 0, dropout=True)
-    terms["label"] = jnp.sum(label_loss(teacher, batch["labels"], is_regression) * w_B)
+    teacher = forward(params, counts, 0, dropout=True)
+    terms["label"] = jnp.sum(label_loss(teacher.logits, batch["labels"], is_regression) * w_B)
   for i, (name, k) in enumerate(spec.students(sampled), start=1):
-    student = logits_at(params, schedules[k], i, dropout=spec.student_dropout)
-    per_example = spec.distill_weight * distill_loss(teacher, student, is_regression,
-                                                     spec.temperature)
+    student = forward(params, schedules[k], i, dropout=spec.student_dropout)
+    per_example = jnp.zeros_like(w_B)
+    if spec.distill == "logits":
+      per_example += spec.distill_weight * distill_loss(teacher.logits, student.logits,
+                                                        is_regression, spec.temperature)
+    elif spec.distill == "hidden":
+      per_example += spec.hidden_weight * hidden_distill_loss(teacher, student,
+                                                              batch["attention_mask"])
     if spec.student_label_weight:
-      per_example += spec.student_label_weight * label_loss(student, batch["labels"],
+      per_example += spec.student_label_weight * label_loss(student.logits, batch["labels"],
                                                             is_regression)
     terms[name] = jnp.sum(per_example * w_B)
   return terms

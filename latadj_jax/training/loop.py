@@ -39,10 +39,14 @@ class TrainState(train_state.TrainState):
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
   """Returns AdamW with linear warmup then linear decay; no weight decay on biases and LayerNorm.
 
+  The warm-up is ``config.warmup_steps`` steps when >= 0 (0: none, the lr starts at its
+  peak, as stage 2 of DynaBERT and ToP does), else ``warmup_ratio`` of the run.
+
   With ``config.max_grad_norm > 0`` the gradient is first clipped to that
   global norm, as HF's ``Trainer`` does (its default is 1.0).
   """
-  warmup = int(config.warmup_ratio * total_steps)
+  steps = config.get("warmup_steps", -1)
+  warmup = steps if steps >= 0 else int(config.warmup_ratio * total_steps)
   lr = optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)),
                              optax.linear_schedule(config.learning_rate, 0.0,
                                                    max(total_steps - warmup, 1))], [warmup])
