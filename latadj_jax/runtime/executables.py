@@ -108,10 +108,23 @@ class ExecutableCache:
       t0 = time.perf_counter()
       lowered = lower()
       t1 = time.perf_counter()
-      compiled = lowered.compile()
+      compiled = _compile_past_persistent_cache(lowered) if self.disk_dir else lowered.compile()
       self.stats.lower_seconds += t1 - t0
       self.stats.compile_seconds += time.perf_counter() - t1
       if self.disk_dir:
         self._save(key, compiled)
     self._executables[key] = compiled
     return compiled
+
+
+def _compile_past_persistent_cache(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+  """Returns ``lowered`` compiled by XLA, never loaded from JAX's persistent compilation cache.
+
+  jaxlib (0.10) serializes an executable that it loaded from that cache without
+  its code: loaded from disk again, it fails with "Function ... not found"
+  (tests/test_executables.py). An executable kept whole on disk is a copy of
+  the cache entry anyway.
+  """
+  from jax._src import config  # the thread-local switch is not exported (jax 0.10)
+  with config.enable_compilation_cache(False):
+    return lowered.compile()
