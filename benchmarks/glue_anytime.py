@@ -121,7 +121,9 @@ def acc_profile(args) -> tuple[float, ...]:
 
 def train_coeffs(args, mode: str) -> str:
   """Returns a stage-2 mode's students' k (none for the control)."""
-  return "" if mode == CONTROL else args.flat_train_coeffs if is_flat(mode) else args.train_coeffs
+  if mode == CONTROL:
+    return ""
+  return args.flat_train_coeffs if is_flat(mode) else args.train_coeffs
 
 
 def train(args, mode: str) -> dict:
@@ -387,7 +389,7 @@ def main() -> None:
                 "gains include eliminating padding",
         "rows": fixed_length_sweep(args.root / lead, args.sweep, args.repeats)}
     if not args.skip_timing:
-      teachers = [m.split("_")[1] for m in anytime_modes if m.startswith("s2_") and m != CONTROL]
+      teachers = [m.split("_")[1] for m in anytime_modes if m.startswith("s2_")]
       result["train_step_time"] = step_time_ratio(args, sorted(set(teachers)) or ["largest"])
       result["executable_cache"] = cache_check(args, lead, args.sweep)
   out.write_text(json.dumps(result, indent=2) + "\n")

@@ -236,15 +236,14 @@ def hidden_distill_loss(teacher: models.Output, student: models.Output,
   B, N = mask_BxN.shape
   positions = (jnp.broadcast_to(jnp.arange(N), (B, N)),) + tuple(student.layer_positions)
   loss_B = jnp.zeros(B, jnp.float32)
-  sq_BxK = None
   for t_BxNxD, s_BxKxD, p_BxK in zip(teacher.hidden_states, student.hidden_states, positions,
                                      strict=True):
     t_BxKxD = jnp.take_along_axis(jax.lax.stop_gradient(t_BxNxD), p_BxK[..., None], axis=1)
     valid_BxK = jnp.take_along_axis(mask_BxN, p_BxK, axis=1).astype(jnp.float32)
     sq_BxK = jnp.mean(jnp.square(s_BxKxD.astype(jnp.float32) - t_BxKxD), axis=-1)
     loss_B += jnp.sum(sq_BxK * valid_BxK, -1) / jnp.maximum(jnp.sum(valid_BxK, -1), 1.0)
-  # After the loop, sq_BxK is the final layer's: add its position-0 entry once more.
-  return loss_B + jnp.sum(sq_BxK * (positions[-1] == 0), axis=-1)
+  is_first_BxK = positions[-1] == 0  # the final layer's survivor at position 0, if kept
+  return loss_B + jnp.sum(sq_BxK * is_first_BxK, axis=-1)
 
 
 def loss_terms(params, batch: dict, rng: jax.Array, frozen: Any = None, *, model,
