@@ -33,11 +33,12 @@ def main(argv: list[str]) -> int:
   print(f"workdir: {workdir}")
   # After the argument checks: importing JAX takes seconds.
   from latadj_jax.runtime import hub, xla_cache
+  from latadj_jax.training import recipe
   trainer = importlib.import_module(f"latadj_jax.training.{TRAINERS[config.run]}")
   xla_cache.setup_from_config(config.get("compilation_cache", "default"))
   log = xla_cache.compile_log()
   try:
-    trainer.train_and_evaluate(config, workdir)
+    recipe.train(config, workdir, trainer.train_and_evaluate)
     print(log)
   except hub.HubError as e:  # a bad local file or path raises another error, naming its fix
     raise type(e)(f"{e}\nFor a fully offline run, pass local weights and data: "

@@ -137,7 +137,7 @@ def train(args, mode: str) -> dict:
          f"--config.max_len={args.max_len}", f"--config.buckets={args.buckets}",
          "--config.batch_size=32", "--config.progress=false", "--config.log_every=100",
          f"--config.seed={args.seed}", f"--config.max_grad_norm={args.max_grad_norm}",
-         *mode_flags(mode), f"--workdir={workdir}"]
+         "--config.recipe=single", *mode_flags(mode), f"--workdir={workdir}"]
   if mode == "anytime":
     cmd += [f"--config.train_coeffs={args.train_coeffs}"]
   if mode.startswith("s2_"):

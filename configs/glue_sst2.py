@@ -14,4 +14,6 @@ def get_config():
   c.task = "sst2"
   c.max_len = 64
   c.coeff = 0.9
+  c.num_epochs = 1         # 67,349 sentences: one epoch is stage 1's flat baseline (README)
+  c.stage2.num_epochs = 1
   return c

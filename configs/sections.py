@@ -4,7 +4,7 @@ A config holds the fields its run reads: it composes the sections that run needs
 then overrides fields. Which run reads which section:
 
   classifier training (train.py; training.classifier, loop, anytime, profiling):
-      model, classifier_data, elimination, survivor_rule, anytime, two_stage,
+      model, classifier_data, elimination, survivor_rule, anytime, two_stage, recipe,
       optimisation, bookkeeping                                      (configs/default.py)
   causal-LM training (train.py, run "lm"; training.lm, loop, anytime, profiling):
       model, text_data, lambada, elimination, causal_survivor_rules, anytime,
@@ -134,6 +134,27 @@ def two_stage(c: ml_collections.ConfigDict) -> None:
   # Evaluate at each of these k and keep the parameters with the best mean of the first task
   # metric (workdir/best, best.json; eval.py takes them). Empty: the last.
   c.select_coeffs = ""
+
+
+def recipe(c: ml_collections.ConfigDict) -> None:
+  """Adds what train.py runs (latadj_jax/training/recipe.py): two stages into one workdir, or one.
+
+  "two_stage": WORKDIR/stage1 fine-tunes without elimination, then WORKDIR trains one model
+  for every k from it, with the config's fields overridden by ``stage2`` (the anytime
+  fields, teacher, distill and the rest, apply to stage 2 alone). "single": one run, the
+  config's fields as given (``--config.train_coeffs`` for anytime in one stage).
+  """
+  c.recipe = "two_stage"
+  c.stage2 = ml_collections.ConfigDict(dict(
+      train_coeffs="0.6,0.7,0.8,0.9,1.0",  # the students' flat k; k = 1 trained every step
+      profile="flat",                       # flat: equal k means R_l = k at every layer
+      num_epochs=2,
+      learning_rate=5e-5,
+      warmup_steps=-1,                      # -1: warmup_ratio
+      # The kept checkpoint: best mean dev metric over this k grid, evaluated every eval_every steps.
+      select_coeffs="0.6,0.65,0.7,0.75,0.8,0.85,0.9,0.95,1.0",
+      eval_every=500,
+  ))
 
 
 def optimisation(c: ml_collections.ConfigDict) -> None:

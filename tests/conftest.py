@@ -118,7 +118,7 @@ def tiny_config(model_dir, data_dir, **overrides):
   values = dict(model=str(model_dir), data_dir=str(data_dir), data_source="local", max_len=32,
                 buckets=(16, 32), batch_size=8, eval_batch_size=8, num_epochs=2,
                 learning_rate=1e-3, warmup_ratio=0.1, log_every=2, checkpoint_every=3,
-                profile="acc", profile_batches=2, coeff=0.8, progress=False)
+                profile="acc", profile_batches=2, coeff=0.8, progress=False, max_grad_norm=0.0)
   values.update(overrides)
   for k, v in values.items():
     config[k] = v

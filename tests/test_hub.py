@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow  # every test starts train.py or eval.py
 SMALL = ["--config.max_len=32", "--config.buckets=(16,32)", "--config.batch_size=8",
          "--config.eval_batch_size=8", "--config.max_steps=2", "--config.eval_every_epoch=false",
          "--config.eval_coeffs=(1.0,)", "--config.time_repeats=1", "--config.profile_batches=1",
-         "--config.progress=false"]
+         "--config.progress=false", "--config.recipe=single"]
 GLUE_CARD = """---
 configs:
 - config_name: sst2

@@ -39,7 +39,7 @@ DEV_EXAMPLES = 21    # 3 eval batches of 8 (the last one 5 rows): uneven over 2 
 BERT = dict(data_source="local", max_len=32, buckets=(32,), batch_size=8, eval_batch_size=8,
             num_epochs=1, learning_rate=1e-3, warmup_ratio=0.1, log_every=1, checkpoint_every=3,
             keep_checkpoints=3, profile="acc", profile_batches=3, coeff=0.8,
-            max_eval_examples=DEV_EXAMPLES, eval_coeffs=(), progress=False)
+            max_eval_examples=DEV_EXAMPLES, eval_coeffs=(), progress=False, recipe="single")
 STEPS = 8            # 64 training examples / 8
 
 WRAPPER = textwrap.dedent("""

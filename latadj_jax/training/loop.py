@@ -184,7 +184,8 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, params, steps_per
   logger = report.MetricLogger(workdir, enabled=is_main)
   step = int(state.step)
   last_good = manager.latest_step()
-  bar = report.progress(total_steps, step, "train", enabled=config.progress and is_main)
+  stage = config.get("stage", "train")  # the recipe's stage names itself in the bar and the log
+  bar = report.progress(total_steps, step, stage, enabled=config.progress and is_main)
   t_log, done = time.perf_counter(), 0
   eval_metrics: dict[str, Any] = {}
   pending = None
@@ -218,7 +219,7 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, params, steps_per
             wd.save_best(best_manager, workdir, state.params, best, write=is_main)
           if is_main:
             scores = json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})
-            bar.write(f"step {step} (epoch {step / steps_per_epoch:.2f}) eval at coeff "
+            bar.write(f"{stage}: step {step} (epoch {step / steps_per_epoch:.2f}) eval at coeff "
                       f"{config.coeff:g}: {scores}")
         if step >= total_steps:
           break
