@@ -24,7 +24,11 @@ buckets 32/64):
   the flat grid) with no students: the full model on its label loss alone, the control
   that separates what the schedule costs from what the students cost;
 * ``first`` / ``random``: trained and evaluated at k = 1 with the ``first`` or
-  ``random`` survivor rule instead of the score (paper Table VII).
+  ``random`` survivor rule instead of the score (paper Table VII);
+* ``recipe``: the one command a user runs, ``train.py --config=glue_<task>`` with
+  only the model, the data and ``--recipe_flags``: both stages, with the config's
+  own settings (not this script's ``--epochs``, ``--lr`` and the rest). Its stage 1
+  is swept too, as ``recipe/stage1``.
 
 Each model is then swept over ``--sweep`` with ``eval.py``: accuracy (or the
 task metric), the expected speedup (eq. 7, over the dev set's buckets), the XLA
@@ -64,6 +68,8 @@ TEACHERS = ("full", "frozen", "largest")
 
 
 CONTROL = "s2_control"
+RECIPE = "recipe"
+STAGE1 = "recipe/stage1"  # the one command's stage 1, swept as a mode of its own
 
 
 def mode_flags(mode: str) -> list[str]:
@@ -84,7 +90,8 @@ def mode_flags(mode: str) -> list[str]:
 
 def is_flat(mode: str) -> bool:
   """Whether a mode is trained and swept over flat k (which never exceeds 1)."""
-  return mode in ("base", CONTROL) or (mode.startswith("s2_") and "flat" in mode.split("_"))
+  return mode in ("base", CONTROL, RECIPE, STAGE1) or (mode.startswith("s2_") and
+                                                         "flat" in mode.split("_"))
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -130,6 +137,17 @@ def train(args, mode: str) -> dict:
   """Trains one mode (or reuses its finished workdir); returns its summary."""
   from latadj_jax.runtime import workdir as wd
   workdir = args.root / mode
+  if mode == RECIPE:
+    cmd = [sys.executable, "train.py", f"--config={CONFIGS[args.task]}",
+           f"--config.model={args.model}", f"--config.data_dir={args.data_dir}",
+           "--config.progress=false", "--config.log_every=100", *args.recipe_flags.split(),
+           f"--workdir={workdir}"]
+    out = summarize(cmd, workdir, args.root / f"{mode}.log")
+    out["stage1"] = summarize(cmd, workdir / "stage1", args.root / f"{mode}.log")  # finished: read
+    # Both stages, from stage 1's first file to stage 2's last (a resumed run includes its pause).
+    out["command_wall_seconds"] = ((workdir / "metrics.jsonl").stat().st_mtime
+                                   - (workdir / "stage1" / "config.json").stat().st_mtime)
+    return out
   cmd = [sys.executable, "train.py", f"--config={CONFIGS[args.task]}",
          f"--config.model={args.model}", f"--config.data_dir={args.data_dir}",
          f"--config.max_train_examples={args.max_train_examples}",
@@ -151,12 +169,18 @@ def train(args, mode: str) -> dict:
             *args.stage2_flags.split()]
     if not flat:  # the k = 1 model's profile: at equal k, equal keep counts
       cmd.append(f"--config.profile={','.join(f'{e:.6f}' for e in acc_profile(args))}")
+  return summarize(cmd, workdir, args.root / f"{mode}.log")
+
+
+def summarize(cmd: list[str], workdir: Path, log: Path) -> dict:
+  """Runs ``cmd`` unless ``workdir`` finished (a killed run resumes); returns the run's summary."""
+  from latadj_jax.runtime import workdir as wd
   done = finished(workdir)
   wall, resumed = None, workdir.exists() and not done
   if done:
     print(f"reusing finished run {workdir}")
   else:
-    wall = run(cmd, args.root / f"{mode}.log")
+    wall = run(cmd, log)
   rows = read_jsonl(workdir / "metrics.jsonl")
   rates = [r["examples_per_s"] for r in rows if "examples_per_s" in r]
   return {
@@ -183,7 +207,8 @@ def sweep(args, mode: str, coeffs: str, cache_dir: Path | None = None, tag: str 
   workdir = args.root / mode
   extra = [f"--cache_dir={cache_dir}"] if cache_dir else []
   wall = run([sys.executable, "eval.py", f"--workdir={workdir}", f"--coeff={coeffs}",
-              f"--repeats={args.repeats}", *extra], args.root / f"eval_{mode}{tag}.log")
+              f"--repeats={args.repeats}", *extra],
+             args.root / f"eval_{mode.replace('/', '_')}{tag}.log")
   return {"wall_seconds": wall, **json.loads((workdir / "eval_results.json").read_text())}
 
 
@@ -214,18 +239,22 @@ def fixed_length_sweep(workdir: Path, coeffs: str, repeats: int) -> list[dict]:
   return tuning_sweep.sweep(clf, runs, repeats=repeats, progress=False)
 
 
-def step_time_ratio(args, teachers: list[str], rounds: int = 8, steps: int = 5) -> dict:
-  """Times the k = 1 step and each anytime teacher's step (bucket 32, batch 32), interleaved, in one process."""
+def step_time_ratio(args, modes: list[str], rounds: int = 8, steps: int = 5) -> dict:
+  """Times a plain fine-tuning step (no elimination) and each mode's anytime step, interleaved, in one process.
+
+  Each anytime step is built from its trained workdir's stored config and profile
+  (teacher, students, distill), on one batch of bucket 32, batch 32.
+  """
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   from latadj_jax.core import schedule
   from latadj_jax.runtime import config_lib
+  from latadj_jax.runtime import workdir as wd
   from latadj_jax.training import anytime, classifier, loop, profiling
-  profile = acc_profile(args)
   config = config_lib.load(CONFIGS[args.task])
-  config.model, config.learning_rate = args.model, args.lr
+  config.model = args.model
   pre, _, task = profiling.load_model_and_task(config)
   mesh = loop.make_mesh()
   rng = np.random.default_rng(0)
@@ -233,16 +262,18 @@ def step_time_ratio(args, teachers: list[str], rounds: int = 8, steps: int = 5) 
                attention_mask=np.ones((32, 32), np.int32), token_type_ids=np.zeros((32, 32), np.int32),
                labels=rng.integers(0, 2, 32).astype(np.int32) if not task.is_regression
                else rng.random(32).astype(np.float32), weights=np.ones(32, np.float32))
-  k1 = classifier.compiled_step(mesh, pre.model, schedule.keep_counts(32, 1.0, profile),
-                           task.is_regression)
+  flat = (1.0,) * len(wd.load_run(args.root / modes[0]).profile)
+  k1 = classifier.compiled_step(mesh, pre.model, schedule.keep_counts(32, 1.0, flat),
+                                task.is_regression)
   fns = {"k1": (lambda s: k1(s, loop.shard_batch(batch, mesh), jax.random.PRNGKey(0)), 1, False)}
-  for teacher in teachers:
-    spec = anytime.AnytimeSpec(anytime.parse_coeffs(args.train_coeffs), args.anytime_samples,
-                               teacher=teacher, always=(1.0,))
-    step = classifier.make_anytime_step(mesh, model=pre.model, spec=spec, profile=profile,
-                                   buckets=(32,), is_regression=task.is_regression, seed=0)
-    fns[teacher] = (functools.partial(lambda step, s: step(s, batch, jax.random.PRNGKey(0)), step),
-                    len(spec.draws()), teacher == "frozen")
+  specs = {}
+  for mode in modes:
+    run = wd.load_run(args.root / mode)
+    spec = specs[mode] = anytime.spec_from_config(run.config)
+    step = classifier.make_anytime_step(mesh, model=pre.model, spec=spec, profile=run.profile,
+                                        buckets=(32,), is_regression=task.is_regression, seed=0)
+    fns[mode] = (functools.partial(lambda step, s: step(s, batch, jax.random.PRNGKey(0)), step),
+                 len(spec.draws()), spec.teacher == "frozen")
   times = {name: [] for name in fns}
   states = {}
   for name, (fn, draws, frozen) in fns.items():
@@ -265,12 +296,16 @@ def step_time_ratio(args, teachers: list[str], rounds: int = 8, steps: int = 5) 
       states[name] = state
   med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
   return {"bucket": 32, "batch": 32, "rounds": rounds, "steps_per_round": steps,
-          "anytime_samples": args.anytime_samples, "always": [1.0],
+          "k1": "a plain fine-tuning step: no elimination",
+          "specs": {m: {"teacher": sp.teacher, "coeffs": list(sp.coeffs), "samples": sp.num_sampled,
+                        "always": list(sp.always), "distill": sp.distill} for m, sp in specs.items()},
           "step_ms": {k: 1e3 * v for k, v in med.items()},
           "ratio_to_k1": {k: v / med["k1"] for k, v in med.items() if k != "k1"}}
 
 
 LABELS = {"base": "no elimination in training (flat profile at eval)",
+          RECIPE: "the one command: the anytime model (flat)",
+          STAGE1: "the one command's stage 1, swept without training for k (flat)",
           "elim_k1": "trained at k = 1 (ACC profile)",
           "anytime": "anytime from pretrained, teacher largest k (ACC)"}
 TEACHER_LABELS = {"full": "no elimination", "frozen": "frozen stage 1", "largest": "largest k"}
@@ -342,6 +377,8 @@ def main() -> None:
   p.add_argument("--flat_train_coeffs", default="0.6,0.7,0.8,0.9,1.0")
   p.add_argument("--stage2_epochs", type=int, default=1)
   p.add_argument("--stage2_lr", type=float, default=0.0, help="stage 2's learning rate (0: --lr)")
+  p.add_argument("--recipe_flags", default="", help="further train.py overrides for the "
+                 "recipe mode, space-separated (e.g. '--config.distill=hidden'); use a --tag")
   p.add_argument("--stage2_flags", default="", help="further train.py overrides for the stage-2 "
                  "modes, space-separated (e.g. '--config.distill_weight=0.25'); use a --tag")
   p.add_argument("--eval_every", type=int, default=500, help="stage 2: steps between selection evals")
@@ -378,9 +415,11 @@ def main() -> None:
     # The ablation compares survivor rules at the score model's counts, k = 0.9 and 1.
     coeffs = ("0.9,1.0" if mode in ("first", "random") else
               args.flat_sweep if is_flat(mode) else args.sweep)
-    result["sweeps"][mode] = sweep(args, mode, coeffs)["rows"]
+    for swept in [mode] + ([STAGE1] if mode == RECIPE else []):
+      result["sweeps"][swept] = sweep(args, swept, coeffs)["rows"]
     out.write_text(json.dumps(result, indent=2) + "\n")
-  anytime_modes = [m for m in modes if m == "anytime" or (m.startswith("s2_") and m != CONTROL)]
+  anytime_modes = [m for m in modes
+                   if m in ("anytime", RECIPE) or (m.startswith("s2_") and m != CONTROL)]
   lead = args.fixed_length_mode or (anytime_modes[0] if anytime_modes else "none")
   if lead != "none":  # one anytime mode stands for the fixed-length and cache checks
     result["fixed_length"] = {
@@ -389,8 +428,7 @@ def main() -> None:
                 "gains include eliminating padding",
         "rows": fixed_length_sweep(args.root / lead, args.sweep, args.repeats)}
     if not args.skip_timing:
-      teachers = [m.split("_")[1] for m in anytime_modes if m.startswith("s2_")]
-      result["train_step_time"] = step_time_ratio(args, sorted(set(teachers)) or ["largest"])
+      result["train_step_time"] = step_time_ratio(args, anytime_modes)
       result["executable_cache"] = cache_check(args, lead, args.sweep)
   out.write_text(json.dumps(result, indent=2) + "\n")
   metric = next(k for k in ("accuracy", "pearson", "mcc") if k in result["sweeps"][modes[0]][0])
