@@ -30,16 +30,24 @@ TARGETS = (1.5, 2.0, 2.5, 3.0, 3.5)
 METRIC = {"sst2": "accuracy", "cola": "mcc", "stsb": "pearson"}
 
 
-def evaluate(workdir: Path, cache, **target) -> dict:
-  """Returns the dev-set row of a workdir at ``coeff=`` or ``speedup=`` (per-bucket choices)."""
-  from latadj_jax.data import splits
-  from latadj_jax.tuning import offline
-  choices = offline.choose(workdir, **target)
-  r, _ = offline.prepare(workdir, 0, "")
-  (enc,) = splits.load_encoded_split(r.run.config, r.task, r.tokenizer, "validation", 0)
-  row = offline.evaluate_choices(r, choices, enc, time_repeats=1, cache=cache)
-  row["met"] = all(c.met for c in choices.values())
-  return row
+class Evaluator:
+  """Restores a workdir and encodes its dev set once; ``row`` evaluates it at any target."""
+
+  def __init__(self, workdir: Path, cache):
+    from latadj_jax.data import splits
+    from latadj_jax.tuning import offline
+    self.workdir, self.cache = workdir, cache
+    self.r, _ = offline.prepare(workdir, 0, "")
+    (self.enc,) = splits.load_encoded_split(self.r.run.config, self.r.task, self.r.tokenizer,
+                                            "validation", 0)
+
+  def row(self, **target) -> dict:
+    """Returns the dev-set row at ``coeff=`` or ``speedup=`` (per-bucket choices)."""
+    from latadj_jax.tuning import offline
+    choices = offline.choose(self.workdir, **target)
+    row = offline.evaluate_choices(self.r, choices, self.enc, time_repeats=1, cache=self.cache)
+    row["met"] = all(c.met for c in choices.values())
+    return row
 
 
 def task_row(task: str, workdir: Path) -> dict:
@@ -49,10 +57,11 @@ def task_row(task: str, workdir: Path) -> dict:
   seeds = REPO / "benchmarks" / "results" / f"{task}_seeds.json"
   hf = json.loads(seeds.read_text()).get("summary", {}).get("hf") if seeds.exists() else None
   cache = ExecutableCache()
-  base = evaluate(workdir / "stage1", cache, coeff=1.0)
+  base = Evaluator(workdir / "stage1", cache).row(coeff=1.0)
+  anytime = Evaluator(workdir, cache)
   cells = {}
   for target in TARGETS:
-    row = evaluate(workdir, cache, speedup=target)
+    row = anytime.row(speedup=target)
     cells[f"{target:g}"] = {metric: row[metric], "met": row["met"],
                             "expected_speedup": row["expected_speedup_all_buckets"],
                             "choices": row["choices"]}
